@@ -1,0 +1,71 @@
+"""The loss over the analysis set, L(θ) = Σ_b (n_b / N) L_b(θ), batch by batch.
+
+Batches are (inputs, targets) pairs; L_b is the batch-mean loss. Every engine
+goes through :class:`Objective`, so all of them weight batches the same way and
+put inputs on the model's device and dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from curvscope.errors import CurvscopeError
+from curvscope.sources.losses import LossFn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """A progress callback that shows nothing."""
+
+
+@dataclass
+class Objective:
+    """A model in eval mode, a batch-mean loss and the batches of the analysis set."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: Sequence[Batch]
+
+    @classmethod
+    def create(cls, model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]) -> "Objective":
+        """Materialise `batches` (several passes are made over them) and check they are usable."""
+        kept = [(x, y) for x, y in batches]
+        if not kept or sum(int(x.shape[0]) for x, _ in kept) == 0:
+            raise CurvscopeError("the analysis set is empty: no batch holds a sample.")
+        return cls(model, loss_fn, kept)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(int(x.shape[0]) for x, _ in self.batches)
+
+    @property
+    def weights(self) -> list[float]:
+        """n_b / N for each batch."""
+        n = self.n_samples
+        return [int(x.shape[0]) / n for x, _ in self.batches]
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        ref = next(self.model.parameters())
+        return t.to(ref.device, ref.dtype) if t.is_floating_point() else t.to(ref.device)
+
+    def batch_loss(self, b: int) -> torch.Tensor:
+        """L_b, the mean loss of batch b, differentiable in the parameters; refuses NaN or Inf."""
+        x, y = self.batches[b]
+        try:
+            value = self.loss_fn(self.model(self._place(x)), self._place(y))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CurvscopeError(f"the model and loss cannot be evaluated on batch {b} "
+                                 f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)}): {first}") from None
+        if value.dim() != 0:
+            raise CurvscopeError(f"the loss must be a batch mean (a scalar); it returned shape {tuple(value.shape)}.")
+        if not math.isfinite(float(value.detach())):
+            raise CurvscopeError(f"the loss is {float(value.detach())} on batch {b}: curvature is undefined "
+                                 "there (check the weights and the data for NaN, Inf or overflow).")
+        return value

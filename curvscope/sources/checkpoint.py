@@ -1,0 +1,146 @@
+"""Checkpoint bundles: what was trained, on what, with which loss, and its weights.
+
+A bundle (format "curvscope-checkpoint", version 1) is a plain dict that
+`torch.load(weights_only=True)` opens, so loading never runs code from the file:
+
+    {"format": "curvscope-checkpoint", "version": 1,
+     "model": {"name": str, "kwargs": dict}, "state_dict": {name: Tensor},
+     "data": {"name": str, "kwargs": dict}, "loss": str, "epoch": int,
+     "training": {free-form metadata: optimiser, accuracies, command, ...}}
+
+A plain state_dict is accepted too when the caller names the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvscope.errors import CurvscopeError
+from curvscope.sources.losses import LossFn, build_loss
+from curvscope.sources.zoo import build_model
+
+BUNDLE_FORMAT = "curvscope-checkpoint"
+BUNDLE_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A model rebuilt from a checkpoint file, with the loss and data spec it was trained with."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    loss: str
+    model_name: str
+    model_kwargs: dict
+    data: dict = field(default_factory=dict)  # {"name": ..., "kwargs": {...}} or {} when unknown
+    epoch: int = -1
+    training: dict = field(default_factory=dict)
+    source: str = ""
+    sha256: str = ""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, model_kwargs: dict,
+                    data: dict, loss: str, epoch: int, training: dict | None = None) -> None:
+    """Write a version-1 bundle of `model` to `path`."""
+    bundle = {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+        "model": {"name": model_name, "kwargs": dict(model_kwargs)},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "data": dict(data), "loss": loss, "epoch": int(epoch), "training": dict(training or {}),
+    }
+    torch.save(bundle, Path(path))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise CurvscopeError(f"checkpoint {str(path)!r} does not exist.")
+    if not path.is_file():
+        raise CurvscopeError(f"checkpoint {str(path)!r} is not a file.")
+    if path.stat().st_size == 0:
+        raise CurvscopeError(f"checkpoint {str(path)!r} is empty (0 bytes).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CurvscopeError(
+                f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
+                "loaded by running code from the file, which curvscope refuses to do. Save the "
+                "model's state_dict (or a curvscope bundle) instead."
+            ) from None
+        raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint: {exc}.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CurvscopeError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint (truncated or not a torch.save "
+            f"file): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
+        ) from None
+
+
+def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append("missing: " + ", ".join(missing))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected))
+        if wrong:
+            parts.append("wrong shape: " + "; ".join(wrong))
+        raise CurvscopeError(f"the weights in {str(path)!r} do not fit the model ({'; '.join(parts)}).")
+    model.load_state_dict(state_dict)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
+
+
+def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs: dict | None = None,
+                    loss: str | None = None, data: dict | None = None) -> Checkpoint:
+    """Rebuild model, loss and data spec from a checkpoint without running code from it.
+
+    Arguments given here override what the bundle records; a plain state_dict
+    needs at least `model`.
+    """
+    path = Path(path)
+    obj = _read(path)
+    if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
+        if obj.get("version") != BUNDLE_VERSION:
+            raise CurvscopeError(f"{str(path)!r} is a curvscope bundle of version {obj.get('version')}; "
+                                 f"this curvscope reads version {BUNDLE_VERSION}.")
+        name = model or obj["model"]["name"]
+        kwargs = model_kwargs if model_kwargs is not None else dict(obj["model"]["kwargs"])
+        state, loss_name = obj["state_dict"], loss or obj["loss"]
+        data_spec = data if data is not None else dict(obj.get("data", {}))
+        epoch, training = int(obj.get("epoch", -1)), dict(obj.get("training", {}))
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if model is None:
+            raise CurvscopeError(f"{str(path)!r} is a plain state_dict, which does not say which "
+                                 "network it belongs to: name it with --model.")
+        name, kwargs, state = model, dict(model_kwargs or {}), obj
+        loss_name, data_spec, epoch, training = loss or "cross_entropy", dict(data or {}), -1, {}
+    else:
+        raise CurvscopeError(f"{str(path)!r} is not a curvscope checkpoint bundle or a state_dict "
+                             f"(it holds a {type(obj).__name__}).")
+    net = build_model(name, kwargs)
+    _load_weights(net, state, path)
+    return Checkpoint(model=net.eval(), loss_fn=build_loss(loss_name), loss=loss_name,
+                      model_name=name, model_kwargs=kwargs, data=data_spec, epoch=epoch,
+                      training=training, source=str(path), sha256=file_sha256(path))

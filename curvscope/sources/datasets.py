@@ -1,0 +1,97 @@
+"""Data sets by name, and the analysis set cut into batches.
+
+`digits` is scikit-learn's bundled handwritten digits (1,797 real 8x8 images),
+upsampled to 32x32 (bilinear), one channel, standardised with the train split's
+mean and standard deviation, split 80/20 by a fixed seeded permutation.
+`synthetic` is seeded Gaussian inputs of a given shape with uniform labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from curvscope.errors import CurvscopeError
+
+SPLITS = ("train", "test")
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs and integer targets of one split, as tensors with a leading sample axis."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise CurvscopeError(f"unknown split {split!r}: use 'train' or 'test'.")
+
+
+def digits(split: str = "train", size: int = 32) -> Dataset:
+    """scikit-learn's digits as (N, 1, size, size) standardised float32 images and int64 labels."""
+    _check_split(split)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
+    if size != 8:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(labels)))
+    train_idx, test_idx = torch.from_numpy(order[n_test:]), torch.from_numpy(order[:n_test])
+    train = images[train_idx]
+    mean, std = train.mean(), train.std()
+    idx = train_idx if split == "train" else test_idx
+    return Dataset((images[idx] - mean) / std, labels[idx])
+
+
+def synthetic(split: str = "train", shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
+              n: int = 1024, seed: int = 0) -> Dataset:
+    """Seeded N(0, 1) inputs of `shape` with uniform labels in [0, num_classes)."""
+    _check_split(split)
+    gen = torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
+    x = torch.randn((n, *shape), generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return Dataset(x, y)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {"digits": digits, "synthetic": synthetic}
+
+
+def build_dataset(name: str, split: str = "train", kwargs: dict | None = None) -> Dataset:
+    """Load data set `name` (a key of DATASETS) for `split`."""
+    if name not in DATASETS:
+        raise CurvscopeError(f"unknown data set {name!r}: choose one of {', '.join(sorted(DATASETS))}.")
+    try:
+        return DATASETS[name](split=split, **(kwargs or {}))
+    except TypeError as exc:
+        raise CurvscopeError(f"data set {name!r} does not accept the arguments {kwargs!r}: {exc}.") from None
+
+
+def analysis_batches(data: Dataset, samples: int | None, batch_size: int,
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `samples` items of `data` (all when None) cut into batches of `batch_size`.
+
+    The last batch may be smaller; the engines weight each batch by n_b / N.
+    """
+    n = len(data) if samples is None else samples
+    if n <= 0 or len(data) == 0:
+        raise CurvscopeError("the analysis set is empty: ask for at least one sample.")
+    if n > len(data):
+        raise CurvscopeError(f"--samples {n} is larger than the data set, which holds {len(data)} samples.")
+    if batch_size <= 0:
+        raise CurvscopeError(f"--batch-size must be positive, not {batch_size}.")
+    return [(data.inputs[i:min(i + batch_size, n)], data.targets[i:min(i + batch_size, n)])
+            for i in range(0, n, batch_size)]
+
