@@ -26,3 +26,23 @@ class PseudoHessianResult:
     n_samples: int
     n_batches: int
     strategy: str  # how the Hessian-vector products were batched
+
+
+@dataclass(frozen=True)
+class NewtonStep:
+    """H̄⁻¹ and the per-group step it gives (DESIGN.md §2).
+
+    `method` is "inverse" when H̄ is nonsingular, else "pseudo-inverse"
+    (Moore-Penrose, eigenvalues with |λ| <= rcond·max|λ| dropped); H̄ is never
+    regularised. η* = H̄⁻¹ḡ; the quadratic model q(η) = ḡᵀη - ½ηᵀH̄η predicts a
+    decrease q(η*) = ½ḡᵀH̄⁻¹ḡ.
+    """
+
+    inverse: np.ndarray  # (S, S)
+    method: str
+    eigenvalues: np.ndarray  # (S,) of H̄, ascending
+    condition_number: float  # max|λ| / min|λ|, inf when singular
+    positive_definite: bool
+    rank: int
+    learning_rates: np.ndarray  # (S,) η*
+    predicted_decrease: float

@@ -1,0 +1,109 @@
+"""From a checkpoint file to an analysis record: the data flow of `curvscope analyse`.
+
+checkpoint → (model, loss, data) → engines (pseudo-Hessian, Newton step) →
+:class:`AnalysisRecord`, which the store writes. No file is written here.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from curvscope import __version__
+from curvscope.curvature.newton_step import newton_step
+from curvscope.curvature.objective import Progress, no_progress
+from curvscope.curvature.pseudo_hessian import pseudo_hessian
+from curvscope.errors import CurvscopeError
+from curvscope.results import NewtonStep, PseudoHessianResult
+from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
+from curvscope.sources.datasets import analysis_batches, build_dataset
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What to analyse and how; the CLI fills it from its flags."""
+
+    samples: int | None = None  # None: the whole split
+    batch_size: int = 256
+    partition: str = "canonical"
+    split: str = "train"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    strategy: str = "auto"
+    model: str | None = None
+    model_kwargs: dict | None = None
+    data: str | None = None
+    data_kwargs: dict | None = None
+    loss: str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisRecord:
+    """Everything stored for one checkpoint: attributes and results."""
+
+    label: str
+    attrs: dict
+    pseudo: PseudoHessianResult
+    step: NewtonStep
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name`, refusing one this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CurvscopeError(f"unknown device {name!r}: use cpu or cuda[:i].") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CurvscopeError(f"device {name!r} was asked for, but no CUDA GPU is available here.")
+    return device
+
+
+def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | None = None,
+                       progress: Progress = no_progress) -> AnalysisRecord:
+    """Load `path`, compute ḡ, H̄, H̄⁻¹ and the Newton step on its analysis set."""
+    start = time.perf_counter()
+    if options.dtype not in DTYPES:
+        raise CurvscopeError(f"unknown dtype {options.dtype!r}: use float32 or float64.")
+    device = resolve_device(options.device)
+    data_spec = ({"name": options.data, "kwargs": dict(options.data_kwargs or {})}
+                 if options.data is not None else None)
+    ckpt: Checkpoint = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs,
+                                       loss=options.loss, data=data_spec)
+    if not ckpt.data.get("name"):
+        raise CurvscopeError(f"{str(path)!r} does not record its data set: name one with --data.")
+    torch.manual_seed(options.seed)
+    data = build_dataset(ckpt.data["name"], options.split, ckpt.data.get("kwargs"))
+    batches = analysis_batches(data, options.samples, options.batch_size)
+    pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
+                            dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
+    step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
+    attrs = {
+        "source": str(Path(path).resolve()), "sha256": ckpt.sha256, "model": ckpt.model_name,
+        "model_kwargs": _json(ckpt.model_kwargs), "dataset": ckpt.data["name"],
+        "dataset_kwargs": _json(ckpt.data.get("kwargs", {})), "split": options.split,
+        "n_samples": pseudo.n_samples, "batch_size": options.batch_size, "n_batches": pseudo.n_batches,
+        "loss": ckpt.loss, "loss_value": pseudo.loss, "epoch": ckpt.epoch, "curvature": "hessian",
+        "direction": "gradient", "partition": pseudo.partition, "seed": options.seed,
+        "device": str(device), "dtype": options.dtype, "strategy": pseudo.strategy,
+        "torch_version": torch.__version__, "curvscope_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": time.perf_counter() - start,
+    }
+    return AnalysisRecord(label or default_label(path), attrs, pseudo, step)
+
+
+def default_label(path: str | Path) -> str:
+    """The label of a checkpoint in a results file: its file stem."""
+    return Path(path).stem
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True)

@@ -1,0 +1,189 @@
+"""The HDF5 results file, schema version 1 (DESIGN.md §3), written atomically.
+
+Writes go to a temporary file beside the target (a copy of it when it exists)
+which replaces the target only once complete, so a failed or interrupted run
+leaves an earlier results file exactly as it was.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from curvscope import __version__
+from curvscope.analysis import AnalysisRecord
+from curvscope.errors import CurvscopeError
+
+FORMAT = "curvscope"
+SCHEMA_VERSION = 1
+STR = h5py.string_dtype()
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One /checkpoints/<label> group read back: attributes and every dataset as numpy."""
+
+    label: str
+    attrs: dict
+    data: dict  # path inside the group -> np.ndarray (strings decoded)
+    data_attrs: dict  # path -> attrs dict
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.data[key]
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any computation, when `path` cannot be written."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".curvscope-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CurvscopeError(f"cannot write the results file {str(path)!r}: {exc.strerror or exc}.") from None
+    if path.exists():
+        if path.is_dir():
+            raise CurvscopeError(f"cannot write the results file {str(path)!r}: it is a folder.")
+        open_results(path).close()  # refuses foreign or newer files before any work
+
+
+def open_results(path: Path, mode: str = "r") -> h5py.File:
+    """Open an existing curvscope results file, refusing foreign files and newer schemas."""
+    if not path.exists():
+        raise CurvscopeError(f"results file {str(path)!r} does not exist.")
+    if not h5py.is_hdf5(path):
+        raise CurvscopeError(f"{str(path)!r} is not an HDF5 file (is it a checkpoint rather than results?).")
+    fh = h5py.File(path, mode)
+    if fh.attrs.get("format") != FORMAT:
+        fh.close()
+        raise CurvscopeError(f"{str(path)!r} is an HDF5 file but not a curvscope results file.")
+    version = int(fh.attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION:
+        fh.close()
+        raise CurvscopeError(f"{str(path)!r} uses results schema version {version}, newer than the "
+                             f"version {SCHEMA_VERSION} this curvscope ({__version__}) reads: upgrade curvscope.")
+    return fh
+
+
+def stored_labels(path: Path) -> list[str]:
+    """Labels of the checkpoints already in `path` (none when it does not exist)."""
+    if not path.exists():
+        return []
+    with open_results(path) as fh:
+        return sorted(fh.get("checkpoints", {}).keys())
+
+
+def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
+    if rec.label in root:
+        del root[rec.label]
+    grp = root.create_group(rec.label)
+    for key, value in rec.attrs.items():
+        grp.attrs[key] = value
+    p, s = rec.pseudo, rec.step
+    part = grp.create_group("partition")
+    part.create_dataset("name", data=p.names.astype(object), dtype=STR)
+    part.create_dataset("kind", data=p.kinds.astype(object), dtype=STR)
+    part.create_dataset("layer", data=p.layers.astype(object), dtype=STR)
+    part.create_dataset("size", data=p.sizes.astype(np.int64))
+    grp.create_dataset("pseudo_gradient", data=p.pseudo_gradient.astype(np.float64))
+    grp.create_dataset("pseudo_hessian", data=p.pseudo_hessian.astype(np.float64))
+    grp.create_dataset("pseudo_hessian_stderr", data=p.pseudo_hessian_stderr.astype(np.float64))
+    inv = grp.create_dataset("pseudo_hessian_inverse", data=s.inverse.astype(np.float64))
+    inv.attrs.update({"method": s.method, "condition_number": s.condition_number,
+                      "positive_definite": s.positive_definite, "rank": s.rank})
+    grp.create_dataset("pseudo_hessian_eigenvalues", data=s.eigenvalues.astype(np.float64))
+    grp.create_dataset("learning_rates", data=s.learning_rates.astype(np.float64))
+    grp.create_dataset("predicted_decrease", data=np.float64(s.predicted_decrease))
+    for key, value in rec.extra.items():
+        grp.create_dataset(key, data=np.asarray(value))
+
+
+def write_records(path: Path, records: Sequence[AnalysisRecord]) -> None:
+    """Add (or replace) `records` in the results file `path`, atomically."""
+    check_writable(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if path.exists():
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if path.exists() else "w") as fh:
+            fh.attrs["format"] = FORMAT
+            fh.attrs["schema_version"] = SCHEMA_VERSION
+            fh.attrs["curvscope_version"] = __version__
+            root = fh.require_group("checkpoints")
+            for rec in records:
+                _write_record(root, rec)
+        with tmp.open("rb") as fh_sync:
+            os.fsync(fh_sync.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CurvscopeError(f"cannot write the results file {str(path)!r}: {exc.strerror or exc}.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
+    for key, item in group.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, h5py.Group):
+            yield from _walk(item, name + "/")
+        else:
+            yield name, item
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in value.ravel()],
+                          dtype=str).reshape(value.shape)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_results(path: Path) -> list[StoredCheckpoint]:
+    """Every checkpoint group of the results file `path`, in label order."""
+    out = []
+    with open_results(path) as fh:
+        for label in sorted(fh.get("checkpoints", {}).keys()):
+            grp = fh["checkpoints"][label]
+            data = {name: _decode(ds[()]) for name, ds in _walk(grp)}
+            data_attrs = {name: {k: _decode(v) for k, v in ds.attrs.items()} for name, ds in _walk(grp)}
+            out.append(StoredCheckpoint(label, {k: _decode(v) for k, v in grp.attrs.items()}, data, data_attrs))
+    return out
+
+
+def describe(path: Path) -> str:
+    """A human-readable account of what the results file `path` holds."""
+    with open_results(path) as fh:
+        head = (f"{path}: curvscope results, schema version {int(fh.attrs['schema_version'])} "
+                f"(written by curvscope {fh.attrs.get('curvscope_version', '?')})")
+    lines = [head]
+    checkpoints = read_results(path)
+    if not checkpoints:
+        lines.append("  no checkpoints")
+    for ck in checkpoints:
+        a = ck.attrs
+        lines.append(f"\n[{ck.label}] {a.get('model')} on {a.get('dataset')} ({a.get('split')}), "
+                     f"epoch {a.get('epoch')}, N={a.get('n_samples')} in batches of {a.get('batch_size')}, "
+                     f"loss {a.get('loss')} = {a.get('loss_value', float('nan')):.6g}")
+        lines.append(f"  source {a.get('source')} (sha256 {str(a.get('sha256'))[:12]}…)")
+        lines.append(f"  {a.get('curvature')} curvature, {a.get('partition')} partition, "
+                     f"{a.get('dtype')} on {a.get('device')}, {a.get('elapsed_s', 0):.2f} s, created {a.get('created')}")
+        inv = ck.data_attrs.get("pseudo_hessian_inverse", {})
+        lines.append(f"  H̄: S={len(ck['pseudo_gradient'])}, {inv.get('method')}, condition number "
+                     f"{inv.get('condition_number', float('nan')):.3g}, positive definite: "
+                     f"{inv.get('positive_definite')}, predicted decrease {float(ck['predicted_decrease']):.4g}")
+        for name in sorted(ck.data):
+            arr = np.asarray(ck.data[name])
+            lines.append(f"    {name:32s} {str(arr.shape):12s} {arr.dtype}")
+    return "\n".join(lines)
