@@ -93,7 +93,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "loss": ckpt.loss, "loss_value": pseudo.loss, "epoch": ckpt.epoch, "curvature": "hessian",
         "direction": "gradient", "partition": pseudo.partition, "seed": options.seed,
         "device": str(device), "dtype": options.dtype, "strategy": pseudo.strategy,
-        "torch_version": torch.__version__, "curvscope_version": __version__,
+        "torch_version": str(torch.__version__), "curvscope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - start,
     }

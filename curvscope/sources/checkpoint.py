@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_pickle(path: Path) -> bool:
+    """Whether `path` is a torch.save zip archive or a raw pickle (protocol 2 or later)."""
+    with path.open("rb") as fh:
+        head = fh.read(1)
+    return zipfile.is_zipfile(path) or head == b"\x80"
+
+
 def _read(path: Path) -> Any:
     if not path.exists():
         raise CurvscopeError(f"checkpoint {str(path)!r} does not exist.")
@@ -75,9 +83,11 @@ def _read(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise CurvscopeError(f"checkpoint {str(path)!r} is empty (0 bytes).")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
+        if _is_pickle(path):
             raise CurvscopeError(
                 f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
                 "loaded by running code from the file, which curvscope refuses to do. Save the "

@@ -1,0 +1,185 @@
+"""`curvscope analyse | render | info`: flags → API calls → files, with clean errors.
+
+Bad input raises :class:`CurvscopeError`, shown as one paragraph on stderr
+with exit code 2 (``--debug`` shows the traceback instead). An interrupt
+(Ctrl-C or SIGTERM) exits with 130 and leaves every results file as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from curvscope import __version__
+from curvscope.errors import CurvscopeError
+
+SCALE_CHOICE = click.Choice(["linear", "symlog", "normalized"])
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _say_error(message: str) -> None:
+    click.echo(textwrap.fill(f"curvscope: error: {message}", width=100), err=True)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class Command(click.Group):
+    """A click group that turns CurvscopeError and interrupts into exit codes without tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:] or bool(os.environ.get("CURVSCOPE_DEBUG"))
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return super().invoke(ctx)
+        except CurvscopeError as exc:
+            if debug:
+                traceback.print_exc()
+            _say_error(str(exc))
+            ctx.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("\ncurvscope: interrupted; results files were left as they were.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _json_option(value: str | None, flag: str) -> dict | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise CurvscopeError(f"{flag} must be a JSON object, e.g. '{{\"in_channels\": 1}}': {exc}.") from None
+    if not isinstance(parsed, dict):
+        raise CurvscopeError(f"{flag} must be a JSON object, not {value!r}.")
+    return parsed
+
+
+def _default_output(labels: Sequence[str]) -> Path:
+    prefix = os.path.commonprefix(list(labels)).rstrip("_-.") if len(labels) > 1 else labels[0]
+    return Path("reports") / f"{prefix or 'results'}.h5"
+
+
+@click.group(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="curvscope")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+def main(debug: bool) -> None:
+    """curvscope: the curvature of trained neural networks, layer by layer.
+
+    The pseudo-Hessian H̄ (H̄_st = U_sᵀ H U_t, U_s the gradient restricted to
+    parameter tensor s), its inverse and the per-layer learning rates, stored
+    in HDF5 and drawn as the heatmaps of Wolinski (arXiv:2312.03885).
+    """
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Results file [default: reports/<label>.h5].")
+@click.option("--partition", type=click.Choice(["canonical", "layer", "trivial", "discrete"]),
+              default="canonical", show_default=True, help="How parameters are grouped into S groups.")
+@click.option("--samples", type=int, help="Analyse the first N samples of the split [default: all].")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Compute dtype (accumulation is always float64).")
+@click.option("--strategy", type=click.Choice(["auto", "triangular", "batched"]), default="auto",
+              show_default=True, help="How the Hessian-vector products of a batch are organised.")
+@click.option("--model", help="Zoo model name, for checkpoints that do not record one.")
+@click.option("--model-kwargs", help="JSON keyword arguments of --model.")
+@click.option("--data", help="Data set name, overriding the checkpoint's.")
+@click.option("--data-kwargs", help="JSON keyword arguments of --data.")
+@click.option("--loss", type=click.Choice(["cross_entropy", "nll", "mse"]), help="Loss, overriding the checkpoint's.")
+@click.option("--scale", "scales", type=SCALE_CHOICE, multiple=True, default=["linear"], show_default=True,
+              help="Heatmap scale; repeat for several.")
+@click.option("--figures", "figure_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Figure folder [default: beside the results file, named after it].")
+@click.option("--no-render", is_flag=True, help="Store results only; draw no figures.")
+@click.option("--overwrite", is_flag=True, help="Recompute checkpoints whose label the results file already holds.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
+def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
+            batch_size: int, split: str, seed: int, device: str, dtype: str, strategy: str, model: str | None,
+            model_kwargs: str | None, data: str | None, data_kwargs: str | None, loss: str | None,
+            scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
+            quiet: bool) -> None:
+    """Compute H̄, H̄⁻¹ and the Newton step of each CHECKPOINT; store them and draw the heatmaps."""
+    from curvscope.analysis import AnalysisOptions, analyse_checkpoint, default_label
+    from curvscope.cli.progress import ProgressLine
+    from curvscope.figures.render import render
+    from curvscope.store.hdf5 import check_writable, stored_labels, write_records
+
+    labels = [default_label(p) for p in checkpoints]
+    if len(set(labels)) != len(labels):
+        raise CurvscopeError(f"several checkpoints share a file name ({', '.join(labels)}); their labels in "
+                             f"the results file would clash: rename them or analyse them into separate files.")
+    for path in checkpoints:
+        if not path.is_file():
+            raise CurvscopeError(f"checkpoint {str(path)!r} does not exist or is not a file.")
+    output = output or _default_output(labels)
+    check_writable(output)
+    options = AnalysisOptions(samples=samples, batch_size=batch_size, partition=partition, split=split, seed=seed,
+                              device=device, dtype=dtype, strategy=strategy, model=model,
+                              model_kwargs=_json_option(model_kwargs, "--model-kwargs"), data=data,
+                              data_kwargs=_json_option(data_kwargs, "--data-kwargs"), loss=loss)
+    done = set(stored_labels(output))
+    for path, label in zip(checkpoints, labels):
+        if label in done and not overwrite:
+            if not quiet:
+                click.echo(f"{label}: already in {output}; skipped (--overwrite recomputes it).")
+            continue
+        bar = ProgressLine(label, enabled=not quiet)
+        try:
+            record = analyse_checkpoint(path, options, label=label, progress=bar)
+        finally:
+            bar.close()
+        write_records(output, [record])
+        if not quiet:
+            p, s = record.pseudo, record.step
+            click.echo(f"{label}: loss {p.loss:.4f} over N={p.n_samples}, S={len(p.names)} groups, "
+                       f"H̄ {'positive definite' if s.positive_definite else 'indefinite'}, "
+                       f"condition number {s.condition_number:.3g} ({s.method}), predicted decrease "
+                       f"{s.predicted_decrease:.4g}; {record.attrs['elapsed_s']:.1f} s -> {output}")
+    if not no_render:
+        written = render(output, figure_dir, scales, labels)
+        if not quiet:
+            click.echo(f"figures: {', '.join(str(p) for p in written)}")
+
+
+@main.command(name="render")
+@click.argument("results", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Figure folder [default: beside the results file, named after it].")
+@click.option("--scale", "scales", type=SCALE_CHOICE, multiple=True, default=["linear"], show_default=True,
+              help="Heatmap scale; repeat for several.")
+@click.option("--label", "labels", multiple=True, help="Only these checkpoints (repeatable).")
+def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...]) -> None:
+    """Draw the figures of RESULTS (an HDF5 results file) from the stored data alone."""
+    from curvscope.figures.render import render
+
+    for path in render(results, out_dir, scales, labels or None):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path, dir_okay=False))
+def info(results: Path) -> None:
+    """Print what RESULTS (an HDF5 results file) holds."""
+    from curvscope.store.hdf5 import describe
+
+    click.echo(describe(results))
+
+
+if __name__ == "__main__":
+    main()

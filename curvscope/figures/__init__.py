@@ -1,0 +1,1 @@
+"""Figures drawn from a stored results file alone (never by recomputing)."""

@@ -1,0 +1,114 @@
+"""The paper's heatmaps of H̄ and H̄⁻¹: weight-weight, bias-bias and weight-bias blocks.
+
+Per checkpoint, two rows (H̄, H̄⁻¹) by three columns (WW, BB, WB); a
+diverging colormap centred on zero (white ≈ 0, red > 0, blue < 0) with
+symmetric limits per panel, as in Wolinski (arXiv:2312.03885). When the
+partition does not split weights from biases (layer, trivial, discrete), one
+panel per row shows the whole matrix.
+
+Scales: ``linear``; ``symlog`` (linear within 10⁻³·max|M| of zero, logarithmic
+beyond); ``normalized``, N(M)_st = M_st / sqrt(|M_ss M_tt|), computed on the
+whole matrix before the blocks are cut out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.colors import Normalize, SymLogNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from curvscope.measures.normalized import normalized  # noqa: E402
+from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
+
+SCALES = ("linear", "symlog", "normalized")
+SYMLOG_LINEAR_FRACTION = 1e-3
+CMAP = "RdBu_r"
+MAX_TICK_LABELS = 40  # beyond this many rows a panel has no tick labels
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One heatmap: a block of a matrix with its row and column labels."""
+
+    title: str
+    values: np.ndarray
+    rows: list[str]
+    cols: list[str]
+
+
+def splits_weight_bias(kinds: np.ndarray, layers: np.ndarray) -> bool:
+    """True when every group is one layer's weight or bias, each layer at most once per kind."""
+    return (set(kinds) == {"weight", "bias"} and all(layers)
+            and all(len(set(layers[kinds == k])) == int(np.sum(kinds == k)) for k in ("weight", "bias")))
+
+
+def blocks(matrix: np.ndarray, kinds: np.ndarray, layers: np.ndarray, names: np.ndarray) -> list[Panel]:
+    """The weight-weight, bias-bias and weight-bias blocks of `matrix`, labelled by layer.
+
+    When the groups are not one weight or bias per layer, the whole matrix, labelled by group name.
+    """
+    if not splits_weight_bias(kinds, layers):
+        every = [str(n) for n in names]
+        return [Panel("all groups", matrix, every, every)]
+    w, b = np.flatnonzero(kinds == "weight"), np.flatnonzero(kinds == "bias")
+    lw, lb = [str(layers[i]) for i in w], [str(layers[i]) for i in b]
+    return [Panel("weight–weight", matrix[np.ix_(w, w)], lw, lw),
+            Panel("bias–bias", matrix[np.ix_(b, b)], lb, lb),
+            Panel("weight–bias", matrix[np.ix_(w, b)], lw, lb)]
+
+
+def _norm(values: np.ndarray, scale: str) -> Normalize:
+    finite = values[np.isfinite(values)]
+    vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    if scale == "symlog":
+        return SymLogNorm(linthresh=SYMLOG_LINEAR_FRACTION * vmax, vmin=-vmax, vmax=vmax, base=10)
+    return Normalize(vmin=-vmax, vmax=vmax)
+
+
+def _draw(ax: plt.Axes, panel: Panel, scale: str) -> None:
+    many = max(len(panel.rows), len(panel.cols)) > MAX_TICK_LABELS
+    sns.heatmap(np.ma.masked_invalid(panel.values), ax=ax, cmap=CMAP, norm=_norm(panel.values, scale),
+                square=True, linewidths=0.0 if many else 0.5, linecolor="white",
+                xticklabels=False if many else panel.cols, yticklabels=False if many else panel.rows,
+                cbar_kws={"shrink": 0.8, "format": "%.2g" if scale == "normalized" else "%.1e"})
+    ax.set_facecolor("#bbbbbb")  # NaN entries (no scale-free value) show grey
+    ax.tick_params(axis="x", labelrotation=90, labelsize=8)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    ax.collections[0].colorbar.ax.tick_params(labelsize=8)
+    if panel.title == "weight–bias":
+        ax.set_ylabel("weight of", fontsize=8)
+        ax.set_xlabel("bias of", fontsize=8)
+
+
+def heatmap_figure(stored: StoredCheckpoint, scale: str = "linear") -> Figure:
+    """The 2 x 3 (or 2 x 1) heatmap figure of H̄ and H̄⁻¹ for one stored checkpoint."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    groups = stored["partition/kind"], stored["partition/layer"], stored["partition/name"]
+    inv_attrs = stored.data_attrs.get("pseudo_hessian_inverse", {})
+    inverse_name = r"$\bar H^{+}$ (pseudo-inverse)" if inv_attrs.get("method") == "pseudo-inverse" \
+        else r"$\bar H^{-1}$"
+    matrices = [(r"$\bar H$", stored["pseudo_hessian"]), (inverse_name, stored["pseudo_hessian_inverse"])]
+    rows = [(name, blocks(normalized(m) if scale == "normalized" else m, *groups))
+            for name, m in matrices]
+    ncols = len(rows[0][1])
+    size = max(3.2, 0.42 * max(len(p.rows) for p in rows[0][1]) + 1.6)
+    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols + 0.8, 2 * size), squeeze=False,
+                             layout="constrained")
+    for r, (name, panels) in enumerate(rows):
+        for c, panel in enumerate(panels):
+            _draw(axes[r, c], panel, scale)
+            prefix = "N(" + name + ")" if scale == "normalized" else name
+            axes[r, c].set_title(f"{prefix}: {panel.title}", fontsize=10)
+    a = stored.attrs
+    epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
+    fig.suptitle(f"{stored.label}: {a.get('model')} on {a.get('dataset')} ({a.get('split')}, "
+                 f"N={a.get('n_samples')}){epoch} — {scale} scale", fontsize=11)
+    return fig

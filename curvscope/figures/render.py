@@ -1,0 +1,50 @@
+"""Every figure of a results file, drawn from the stored data alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+
+from curvscope.errors import CurvscopeError
+from curvscope.figures.heatmaps import SCALES, heatmap_figure
+from curvscope.figures.output import save_figure
+from curvscope.store.hdf5 import read_results
+
+
+def default_figure_dir(results: Path) -> Path:
+    """Where the figures of `results` go by default: a folder beside it named after it."""
+    return results.with_suffix("")
+
+
+def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
+           labels: Sequence[str] | None = None) -> list[Path]:
+    """Draw the heatmaps of every (or each named) checkpoint of `results`, per scale, as PDF and PNG.
+
+    Files are named ``<label>-heatmaps-<scale>.{pdf,png}`` in `out_dir`.
+    """
+    for scale in scales:
+        if scale not in SCALES:
+            raise CurvscopeError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}.")
+    stored = read_results(results)
+    if labels:
+        missing = sorted(set(labels) - {s.label for s in stored})
+        if missing:
+            raise CurvscopeError(f"{str(results)!r} holds no checkpoint labelled {', '.join(missing)}; "
+                                 f"it holds {', '.join(s.label for s in stored) or 'none'}.")
+        stored = [s for s in stored if s.label in labels]
+    if not stored:
+        raise CurvscopeError(f"{str(results)!r} holds no checkpoints to render.")
+    out_dir = out_dir or default_figure_dir(results)
+    written: list[Path] = []
+    for ck in stored:
+        for scale in scales:
+            fig = heatmap_figure(ck, scale)
+            try:
+                written += save_figure(fig, out_dir / f"{ck.label}-heatmaps-{scale}",
+                                       f"heatmaps of the pseudo-Hessian and its inverse, {scale} scale; "
+                                       f"checkpoint {ck.label!r} of {results.name} "
+                                       f"(source {ck.attrs.get('source')}, sha256 {ck.attrs.get('sha256')})")
+            finally:
+                plt.close(fig)
+    return written

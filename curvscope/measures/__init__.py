@@ -1,0 +1,1 @@
+"""Measures computed from stored matrices alone (no model, no autograd)."""

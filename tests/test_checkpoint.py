@@ -1,0 +1,88 @@
+"""Checkpoint bundles: round trip and every way a checkpoint file can be bad."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHIPPED, TINY_DATA, TINY_MODEL, write_tiny_bundle
+from curvscope import load_checkpoint
+from curvscope.errors import CurvscopeError
+from curvscope.sources.zoo import build_model
+
+
+def test_bundle_round_trip(tiny_bundle: Path) -> None:
+    ck = load_checkpoint(tiny_bundle)
+    assert ck.model_name == "mlp" and ck.model_kwargs == TINY_MODEL and ck.data == TINY_DATA
+    assert ck.loss == "nll" and ck.epoch == 3 and len(ck.sha256) == 64 and not ck.model.training
+    raw = torch.load(tiny_bundle, weights_only=True)
+    for name, value in ck.model.state_dict().items():
+        torch.testing.assert_close(value, raw["state_dict"][name], rtol=0, atol=0)
+
+
+def test_shipped_checkpoint_is_a_bundle() -> None:
+    ck = load_checkpoint(SHIPPED)
+    assert ck.model_name == "lenet5" and ck.model_kwargs == {"in_channels": 1}
+    assert ck.data["name"] == "digits" and ck.epoch == 21 and ck.training["test_accuracy"] > 0.9
+
+
+def test_plain_state_dict_needs_a_model_name(tmp_path: Path) -> None:
+    path = tmp_path / "sd.pt"
+    torch.save(build_model("mlp", TINY_MODEL).state_dict(), path)
+    with pytest.raises(CurvscopeError, match="--model"):
+        load_checkpoint(path)
+    ck = load_checkpoint(path, model="mlp", model_kwargs=TINY_MODEL)
+    assert ck.model_name == "mlp" and ck.epoch == -1
+
+
+def _bad(tmp_path: Path, kind: str, tiny: Path) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(tiny.read_bytes()[:200])
+    elif kind == "random":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "pickled-module":
+        torch.save(build_model("mlp", TINY_MODEL), path)
+    elif kind == "foreign-pickle":
+        path.write_bytes(pickle.dumps({"run": os.system}, protocol=2))
+    elif kind == "foreign-pickle-4":
+        path.write_bytes(pickle.dumps({"run": os.system}, protocol=4))
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty", "empty"), ("truncated", "not a readable"), ("random", "not a"),
+    ("pickled-module", "refuses"), ("foreign-pickle", "refuses"), ("foreign-pickle-4", "refuses"),
+    ("list", "not a curvscope"),
+])
+def test_bad_files_are_refused_clearly(tmp_path: Path, tiny_bundle: Path, kind: str, message: str) -> None:
+    with pytest.raises(CurvscopeError, match=message):
+        load_checkpoint(_bad(tmp_path, kind, tiny_bundle))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CurvscopeError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_unknown_model_and_mismatched_weights(tiny_bundle: Path) -> None:
+    with pytest.raises(CurvscopeError, match="unknown model 'resnet9'"):
+        load_checkpoint(tiny_bundle, model="resnet9")
+    with pytest.raises(CurvscopeError, match=r"net\.1\.weight .*wrong shape|wrong shape"):
+        load_checkpoint(tiny_bundle, model_kwargs={**TINY_MODEL, "hidden": [7]})
+
+
+def test_non_finite_weights(tmp_path: Path) -> None:
+    path = write_tiny_bundle(tmp_path / "nan.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["net.1.bias"][0] = float("nan")
+    torch.save(raw, path)
+    with pytest.raises(CurvscopeError, match="NaN or infinite values in net.1.bias"):
+        load_checkpoint(path)
