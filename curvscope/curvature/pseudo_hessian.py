@@ -149,6 +149,9 @@ def pseudo_hessian(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch],
               if B > 1 else np.full_like(hbar, np.nan))
     gbar = part.group_sums([g * g for g in u64], torch.zeros(part.size, dtype=torch.float64,
                                                               device=u64[0].device)).cpu().numpy()
+    if not (np.isfinite(hbar).all() and np.isfinite(gbar).all()):
+        raise CurvscopeError("the pseudo-Hessian or the gradient overflowed to NaN or Inf although the loss is "
+                             "finite; try --dtype float64, or check the weights for extreme values.")
     return PseudoHessianResult(
         names=np.asarray(part.names, dtype=str), kinds=np.asarray(part.kinds, dtype=str),
         layers=np.asarray(part.layers, dtype=str), sizes=np.asarray(part.sizes, dtype=np.int64),

@@ -183,6 +183,12 @@ def describe(path: Path) -> str:
         lines.append(f"  H̄: S={len(ck['pseudo_gradient'])}, {inv.get('method')}, condition number "
                      f"{inv.get('condition_number', float('nan')):.3g}, positive definite: "
                      f"{inv.get('positive_definite')}, predicted decrease {float(ck['predicted_decrease']):.4g}")
+        lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {'H̄_ss':>11s} {'η*_s':>11s}")
+        for i, name in enumerate(ck["partition/name"]):
+            lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
+                         f"{ck['pseudo_gradient'][i]:11.4g} {ck['pseudo_hessian'][i, i]:11.4g} "
+                         f"{ck['learning_rates'][i]:11.4g}")
+        lines.append("  datasets:")
         for name in sorted(ck.data):
             arr = np.asarray(ck.data[name])
             lines.append(f"    {name:32s} {str(arr.shape):12s} {arr.dtype}")

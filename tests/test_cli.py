@@ -1,0 +1,138 @@
+"""The command line end to end: the README's main job, info, render, re-runs, and every bad input."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT, SHIPPED, write_tiny_bundle
+from curvscope.cli.main import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_main_job_on_the_shipped_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "lenet5.h5"
+    res = run("analyse", SHIPPED, "-o", out, "--scale", "linear", "--scale", "normalized")
+    assert res.exit_code == 0, res.output
+    assert "lenet5_digits_ep21: loss" in res.output and "positive definite" in res.output
+    figures = tmp_path / "reports" / "lenet5"
+    for scale in ("linear", "normalized"):
+        assert (figures / f"lenet5_digits_ep21-heatmaps-{scale}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (figures / f"lenet5_digits_ep21-heatmaps-{scale}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with h5py.File(out) as fh:
+        grp = fh["checkpoints/lenet5_digits_ep21"]
+        assert grp.attrs["n_samples"] == 1438 and grp.attrs["epoch"] == 21 and grp["pseudo_hessian"].shape == (10, 10)
+    info = run("info", out)
+    assert info.exit_code == 0 and "lenet5 on digits (train), epoch 21, N=1438" in info.output
+    assert "conv1.weight" in info.output
+    again = run("render", out, "--out-dir", tmp_path / "again", "--scale", "symlog")
+    assert again.exit_code == 0
+    assert (tmp_path / "again" / "lenet5_digits_ep21-heatmaps-symlog.pdf").stat().st_size > 1000
+
+
+def test_rerun_skips_stored_labels_unless_overwrite(tmp_path: Path) -> None:
+    ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
+    out = tmp_path / "r.h5"
+    assert run("analyse", ck, "-o", out, "--no-render").exit_code == 0
+    before = digest(out)
+    res = run("analyse", ck, "-o", out, "--no-render")
+    assert res.exit_code == 0 and "skipped" in res.output and digest(out) == before
+    res = run("analyse", ck, "-o", out, "--no-render", "--overwrite", "--partition", "layer")
+    assert res.exit_code == 0 and digest(out) != before
+    with h5py.File(out) as fh:
+        assert fh["checkpoints/tiny_ep03"].attrs["partition"] == "layer"
+
+
+def test_several_checkpoints_in_one_file(tmp_path: Path) -> None:
+    a = write_tiny_bundle(tmp_path / "tiny_ep01.pt", epoch=1)
+    b = write_tiny_bundle(tmp_path / "tiny_ep02.pt", epoch=2)
+    os.chdir(tmp_path)
+    res = run("analyse", a, b, "-q")
+    assert res.exit_code == 0 and res.output == ""
+    with h5py.File(tmp_path / "reports" / "tiny_ep0.h5") as fh:
+        assert sorted(fh["checkpoints"]) == ["tiny_ep01", "tiny_ep02"]
+    assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*.png"))) == 2
+
+
+@pytest.fixture
+def existing(tmp_path: Path) -> Path:
+    """A results file that every failing run below must leave byte for byte as it was."""
+    out = tmp_path / "r.h5"
+    assert run("analyse", write_tiny_bundle(tmp_path / "good.pt"), "-o", out, "--no-render").exit_code == 0
+    return out
+
+
+def _random(tmp: Path) -> Path:
+    (tmp / "random.pt").write_bytes(os.urandom(4096))
+    return tmp / "random.pt"
+
+
+BAD = {
+    "missing checkpoint": (lambda tmp: [tmp / "nope.pt"], "does not exist"),
+    "not a checkpoint": (lambda tmp: [_random(tmp)], "not a"),
+    "unknown model": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--model", "resnet9"], "unknown model 'resnet9'"),
+    "infinite loss": (lambda tmp: [write_tiny_bundle(tmp / "t.pt", scale=1e38)], "the loss is inf"),
+    "bad JSON": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--model-kwargs", "{in:"], "JSON object"),
+    "too many samples": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--samples", "41"], "larger than"),
+    "unknown data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--data", "imagenet"], "unknown data set"),
+    "no CUDA": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--device", "cuda:7"], "CUDA|device"),
+    "discrete too big": (lambda tmp: [SHIPPED, "--partition", "discrete"], "discrete partition"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_and_leaves_results_intact(tmp_path: Path, existing: Path, case: str) -> None:
+    make, message = BAD[case]
+    before = digest(existing)
+    res = CliRunner().invoke(main, [str(a) for a in ["analyse", *make(tmp_path), "-o", existing]])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output
+    import re
+    assert re.search(message, res.output), res.output
+    assert digest(existing) == before
+
+
+def test_unwritable_output_and_newer_schema(tmp_path: Path) -> None:
+    ck = write_tiny_bundle(tmp_path / "t.pt")
+    (tmp_path / "file").write_text("x")
+    res = run("analyse", ck, "-o", tmp_path / "file" / "r.h5")
+    assert res.exit_code == 2 and "cannot write" in res.output
+    newer = tmp_path / "newer.h5"
+    with h5py.File(newer, "w") as fh:
+        fh.attrs["format"], fh.attrs["schema_version"] = "curvscope", 2
+    before = digest(newer)
+    for args in (["analyse", ck, "-o", newer], ["info", newer], ["render", newer]):
+        res = run(*args)
+        assert res.exit_code == 2 and "newer" in res.output and "upgrade curvscope" in res.output
+    assert digest(newer) == before
+
+
+def test_info_and_render_refuse_what_is_not_results(tmp_path: Path) -> None:
+    for args, message in ((["info", tmp_path / "none.h5"], "does not exist"),
+                          (["info", SHIPPED], "not an HDF5"),
+                          (["render", tmp_path / "none.h5"], "does not exist")):
+        res = run(*args)
+        assert res.exit_code == 2 and message in res.output
+
+
+def test_module_entry_point_prints_one_paragraph_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "curvscope", "analyse", str(tmp_path / "nope.pt")],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("curvscope: error:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "reports").exists()

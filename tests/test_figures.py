@@ -1,0 +1,68 @@
+"""Heatmap panels: which entries go where, scales, and files drawn from the stored data alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import SymLogNorm
+
+from curvscope.analysis import AnalysisOptions, analyse_checkpoint
+from curvscope.errors import CurvscopeError
+from curvscope.figures.heatmaps import blocks, heatmap_figure
+from curvscope.figures.render import render
+from curvscope.store.hdf5 import read_results, write_records
+
+KINDS = np.array(["weight", "bias", "weight", "bias"])
+LAYERS = np.array(["fc1", "fc1", "fc2", "fc2"])
+NAMES = np.array(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])
+
+
+def test_blocks_cut_weight_weight_bias_bias_weight_bias() -> None:
+    m = np.arange(16.0).reshape(4, 4)
+    ww, bb, wb = blocks(m, KINDS, LAYERS, NAMES)
+    np.testing.assert_array_equal(ww.values, [[0, 2], [8, 10]])
+    np.testing.assert_array_equal(bb.values, [[5, 7], [13, 15]])
+    np.testing.assert_array_equal(wb.values, [[1, 3], [9, 11]])
+    assert ww.rows == ["fc1", "fc2"] and wb.cols == ["fc1", "fc2"] and wb.title == "weight–bias"
+
+
+def test_whole_matrix_when_groups_are_not_weights_and_biases() -> None:
+    (panel,) = blocks(np.eye(2), np.array(["other", "other"]), np.array(["fc1", "fc2"]), np.array(["fc1", "fc2"]))
+    assert panel.title == "all groups" and panel.rows == ["fc1", "fc2"]
+
+
+@pytest.fixture
+def stored(tmp_path: Path, tiny_bundle: Path):
+    out = tmp_path / "r.h5"
+    write_records(out, [analyse_checkpoint(tiny_bundle, AnalysisOptions())])
+    return out, read_results(out)[0]
+
+
+def test_panels_are_symmetric_around_zero(stored) -> None:
+    _, ck = stored
+    fig = heatmap_figure(ck, "linear")
+    heat = [ax for ax in fig.axes if ax.get_title()]
+    assert len(heat) == 6
+    for ax in heat:
+        norm = ax.collections[0].norm
+        assert norm.vmin == -norm.vmax > -np.inf and norm.vmax > 0
+    wb = heat[2].collections[0].get_array()
+    assert np.max(np.abs(wb)) == pytest.approx(heat[2].collections[0].norm.vmax)
+    fig_log = heatmap_figure(ck, "symlog")
+    assert isinstance([ax for ax in fig_log.axes if ax.get_title()][0].collections[0].norm, SymLogNorm)
+    fig_n = heatmap_figure(ck, "normalized")
+    diag = np.diag(np.asarray([ax for ax in fig_n.axes if ax.get_title()][0].collections[0].get_array()).reshape(2, 2))
+    np.testing.assert_allclose(np.abs(diag), 1.0)
+
+
+def test_render_writes_pdf_and_png_per_scale(stored, tmp_path: Path) -> None:
+    out, _ = stored
+    files = render(out, tmp_path / "figs", ["linear", "normalized"])
+    assert sorted(p.name for p in files) == sorted(f"tiny_ep03-heatmaps-{s}.{f}" for s in ("linear", "normalized")
+                                                   for f in ("pdf", "png"))
+    assert all(p.stat().st_size > 1000 for p in files)
+    with pytest.raises(CurvscopeError, match="no checkpoint labelled nope"):
+        render(out, tmp_path / "figs", ["linear"], ["nope"])
+    with pytest.raises(CurvscopeError, match="unknown scale"):
+        render(out, tmp_path / "figs", ["log"])
