@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Benchmark curvscope against the hand-written alternative, on the same model and data, in one run.
+
+Pseudo-Hessian suite (issue #2), CIFAR-shaped inputs (3x32x32, seeded N(0,1),
+10 classes), float32, the paper's initialisation:
+  - LeNet-5, N = 1024 samples in batches of 256;
+  - VGG-11', N = 256 samples in batches of 64.
+Timed: one gradient pass over the data; the hand-written loop (gradient pass,
+then per batch one double-backward graph kept and S full Hessian-vector
+products H U_s); curvscope's `pseudo_hessian` (gradient pass included). The
+ratio is curvscope / hand-written (below 1 is faster). Both results are
+compared entrywise (max relative difference) so a fast wrong answer shows.
+
+    python scripts/bench.py                  # both models, writes reports/bench/
+    python scripts/bench.py --models lenet5  # one model
+
+Timings are the best of --repeat runs after one warm-up batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from curvscope import __version__, pseudo_hessian
+from curvscope.curvature.partition import trainable
+from curvscope.sources.losses import build_loss
+from curvscope.sources.zoo import build_model
+
+SETTINGS = {"lenet5": {"samples": 1024, "batch_size": 256}, "vgg11": {"samples": 256, "batch_size": 64}}
+
+
+def cifar_shaped(n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n seeded N(0,1) 3x32x32 inputs with labels in 0..9, in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def gradient_pass(model: torch.nn.Module, loss_fn: Callable, batches: list) -> list[torch.Tensor]:
+    """g = Σ_b (n_b/N) ∇L_b, one backward per batch."""
+    params = [p for _, p in trainable(model)]
+    n = sum(len(y) for _, y in batches)
+    grad = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        for acc, g in zip(grad, torch.autograd.grad(loss_fn(model(x), y), params)):
+            acc.add_(g, alpha=len(y) / n)
+    return grad
+
+
+def hand_written(model: torch.nn.Module, loss_fn: Callable, batches: list) -> np.ndarray:
+    """The straightforward H̄: per batch one graph kept, S full products H U_s, then U_tᵀ(H U_s)."""
+    params = [p for _, p in trainable(model)]
+    u = gradient_pass(model, loss_fn, batches)
+    S, n = len(params), sum(len(y) for _, y in batches)
+    hbar = np.zeros((S, S))
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        for s in range(S):
+            outs = [u[s] if t == s else torch.zeros_like(u[t]) for t in range(S)]
+            hv = torch.autograd.grad(grads, params, grad_outputs=outs, retain_graph=True)
+            hbar[:, s] += len(y) / n * np.array([float((h * ut).sum()) for h, ut in zip(hv, u)])
+    return 0.5 * (hbar + hbar.T)
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def bench_pseudo_hessian(name: str, repeat: int, strategies: list[str]) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    loss_fn = build_loss("nll")
+    cfg = SETTINGS[name]
+    batches = cifar_shaped(cfg["samples"], cfg["batch_size"])
+    hand_written(model, loss_fn, batches[:1])  # warm-up
+    t_grad, _ = best_time(lambda: gradient_pass(model, loss_fn, batches), repeat)
+    t_hand, ref = best_time(lambda: hand_written(model, loss_fn, batches), repeat)
+    row = {"model": name, **cfg, "S": len(trainable(model)), "gradient_pass_s": t_grad, "hand_written_s": t_hand}
+    for strategy in strategies:
+        t, res = best_time(lambda: pseudo_hessian(model, loss_fn, batches, strategy=strategy), repeat)
+        err = float(np.max(np.abs(res.pseudo_hessian - ref)) / np.max(np.abs(ref)))
+        row[f"curvscope_{strategy}_s"] = t
+        row[f"ratio_{strategy}"] = t / t_hand
+        row[f"max_rel_diff_{strategy}"] = err
+    return row
+
+
+def markdown(rows: list[dict], strategies: list[str]) -> str:
+    head = ["model", "N", "B", "S", "gradient pass", "hand-written loop"]
+    head += [f"curvscope ({s})" for s in strategies] + [f"ratio ({s})" for s in strategies]
+    head += ["max rel. diff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], str(r["samples"]), str(r["batch_size"]), str(r["S"]), f"{r['gradient_pass_s']:.2f} s",
+                 f"{r['hand_written_s']:.2f} s"]
+        cells += [f"{r[f'curvscope_{s}_s']:.2f} s" for s in strategies]
+        cells += [f"**{r[f'ratio_{s}']:.2f}x**" for s in strategies]
+        cells += [f"{max(r[f'max_rel_diff_{s}'] for s in strategies):.1e}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--strategies", nargs="+", default=["auto", "batched"],
+                        choices=["auto", "triangular", "batched"])
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    args = parser.parse_args()
+    env = {"curvscope": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+           "date": time.strftime("%Y-%m-%d")}
+    rows = []
+    for name in args.models:
+        rows.append(bench_pseudo_hessian(name, args.repeat, args.strategies))
+        print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows, args.strategies)
+    print(f"\n{table}\n\n{env}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pseudo_hessian.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    (args.out / "pseudo_hessian.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
