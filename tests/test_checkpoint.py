@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,15 @@ def _bad(tmp_path: Path, kind: str, tiny: Path) -> Path:
 def test_bad_files_are_refused_clearly(tmp_path: Path, tiny_bundle: Path, kind: str, message: str) -> None:
     with pytest.raises(CurvscopeError, match=message):
         load_checkpoint(_bad(tmp_path, kind, tiny_bundle))
+
+
+def test_random_bytes_never_escape_as_another_exception(tmp_path: Path) -> None:
+    path = tmp_path / "random.pt"
+    for seed in range(30):
+        rng = random.Random(seed)
+        path.write_bytes((b"\x80\x02" if seed % 2 else b"") + rng.randbytes(rng.randint(1, 5000)))
+        with pytest.raises(CurvscopeError):
+            load_checkpoint(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:

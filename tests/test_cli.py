@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def existing(tmp_path: Path) -> Path:
 
 
 def _random(tmp: Path) -> Path:
-    (tmp / "random.pt").write_bytes(os.urandom(4096))
+    (tmp / "random.pt").write_bytes(random.Random(0).randbytes(4096))
     return tmp / "random.pt"
 
 

@@ -94,10 +94,10 @@ def _read(path: Path) -> Any:
                 "model's state_dict (or a curvscope bundle) instead."
             ) from None
         raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint: {exc}.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails on damaged files in many ways (KeyError, ...)
         raise CurvscopeError(
             f"{str(path)!r} is not a readable PyTorch checkpoint (truncated or not a torch.save "
-            f"file): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}."
+            f"file): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ") + "."
         ) from None
 
 
