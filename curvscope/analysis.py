@@ -8,17 +8,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from curvscope import __version__
+from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, HessianProducts
 from curvscope.curvature.newton_step import newton_step
 from curvscope.curvature.objective import Progress, no_progress
 from curvscope.curvature.pseudo_hessian import pseudo_hessian
+from curvscope.curvature.spectrum import DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS, spectrum
 from curvscope.errors import CurvscopeError
-from curvscope.results import NewtonStep, PseudoHessianResult
+from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
 
@@ -42,6 +44,13 @@ class AnalysisOptions:
     data: str | None = None
     data_kwargs: dict | None = None
     loss: str | None = None
+    spectrum: bool = True
+    top_k: int = 5
+    lanczos_steps: int = DEFAULT_STEPS
+    lanczos_tol: float = DEFAULT_TOL
+    slq_runs: int = 1
+    trace_matvecs: int = DEFAULT_TRACE_MATVECS
+    max_memory: int = DEFAULT_MAX_MEMORY
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class AnalysisRecord:
     attrs: dict
     pseudo: PseudoHessianResult
     step: NewtonStep
-    extra: dict = field(default_factory=dict)
+    spectrum: SpectrumResult | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | None = None,
                        progress: Progress = no_progress) -> AnalysisRecord:
-    """Load `path`, compute ḡ, H̄, H̄⁻¹ and the Newton step on its analysis set."""
+    """Load `path`, compute ḡ, H̄, H̄⁻¹, the Newton step and (unless turned off) the spectra."""
     start = time.perf_counter()
     if options.dtype not in DTYPES:
         raise CurvscopeError(f"unknown dtype {options.dtype!r}: use float32 or float64.")
@@ -85,6 +94,13 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
                             dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
     step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
+    spec = None
+    if options.spectrum:
+        with HessianProducts.create(ckpt.model, ckpt.loss_fn, batches, max_memory=options.max_memory,
+                                    device=device, dtype=DTYPES[options.dtype], progress=progress) as hp:
+            spec = spectrum(hp, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
+                            slq_runs=options.slq_runs, slq_steps=options.lanczos_steps,
+                            trace_matvecs=options.trace_matvecs, seed=options.seed, progress=progress)
     attrs = {
         "source": str(Path(path).resolve()), "sha256": ckpt.sha256, "model": ckpt.model_name,
         "model_kwargs": _json(ckpt.model_kwargs), "dataset": ckpt.data["name"],
@@ -97,7 +113,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - start,
     }
-    return AnalysisRecord(label or default_label(path), attrs, pseudo, step)
+    return AnalysisRecord(label or default_label(path), attrs, pseudo, step, spec)
 
 
 def default_label(path: str | Path) -> str:

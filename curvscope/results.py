@@ -46,3 +46,91 @@ class NewtonStep:
     rank: int
     learning_rates: np.ndarray  # (S,) η*
     predicted_decrease: float
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """The k most extreme Hessian eigenvalues of one end (`which`), most extreme first.
+
+    `converged[i]` holds when the true residual ‖Hx_i − θ_i x_i‖ <= tol·‖H‖
+    (‖H‖ estimated by the largest |Ritz value|) and a deflated check run found
+    no eigenvalue beyond the k-th (`verified`). Then |θ_i − λ_i| <= residual.
+    """
+
+    values: np.ndarray
+    residuals: np.ndarray
+    converged: np.ndarray  # bool per value
+    which: str  # "largest" | "smallest"
+    group: str  # "" for the whole model, else a tensor or layer name
+    dim: int
+    tol: float
+    steps: int  # Lanczos steps (products), check runs included
+    verified: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """tr(H) or of a diagonal block, with its standard error (0 when computed exactly).
+
+    `method`: "hutch++"; "exact" (Σ_i e_iᵀHe_i, for blocks of at most `matvecs`
+    scalars); or "sum of tensor blocks" (a layer's trace is exactly the sum of
+    its tensors' traces; standard errors add in quadrature).
+    """
+
+    value: float
+    stderr: float
+    method: str
+    matvecs: int
+    group: str
+    dim: int
+    seed: int
+
+    @property
+    def exact(self) -> bool:
+        return self.method == "exact"
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """Stochastic Lanczos quadrature: the spectral density of H/P as a sum of Gaussians.
+
+    density(x) = (1/n_v) Σ_r Σ_j weights[r, j] · N(x; nodes[r, j], σ²). The raw
+    quadrature (`nodes`, `weights`; NaN and 0 where a run ended early) is kept so
+    the density can be redrawn with another width without recomputing.
+    """
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray  # (runs, steps)
+    weights: np.ndarray  # (runs, steps), each row sums to 1
+    sigma: float
+    runs: int
+    steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class BlockSpectrum:
+    """The top eigenvalues and the trace of one diagonal block H_BB."""
+
+    group: str
+    kind: str  # "tensor" | "layer"
+    names: np.ndarray  # the tensors in the block
+    top: EigenResult
+    trace: TraceResult
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    """Everything `curvscope analyse` stores under spectrum/."""
+
+    top: EigenResult
+    bottom: EigenResult
+    density: DensityResult
+    trace: TraceResult
+    blocks: list[BlockSpectrum]
+    mode: str  # "cached" | "streamed" Hessian-vector products
+    graph_bytes: int
+    products: int  # Hessian-vector products made in all
+    elapsed_s: float

@@ -26,18 +26,24 @@ def digest(path: Path) -> str:
 
 def test_main_job_on_the_shipped_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "reports" / "lenet5.h5"
-    res = run("analyse", SHIPPED, "-o", out, "--scale", "linear", "--scale", "normalized")
+    res = run("analyse", SHIPPED, "-o", out, "--scale", "linear", "--scale", "normalized", "--samples", "512",
+              "--lanczos-steps", "40")
     assert res.exit_code == 0, res.output
     assert "lenet5_digits_ep21: loss" in res.output and "positive definite" in res.output
+    assert "top eigenvalues" in res.output and "Hessian-vector products (cached)" in res.output
     figures = tmp_path / "reports" / "lenet5"
-    for scale in ("linear", "normalized"):
-        assert (figures / f"lenet5_digits_ep21-heatmaps-{scale}.pdf").read_bytes()[:5] == b"%PDF-"
-        assert (figures / f"lenet5_digits_ep21-heatmaps-{scale}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("heatmaps-linear", "heatmaps-normalized", "spectrum-density", "spectrum-blocks"):
+        assert (figures / f"lenet5_digits_ep21-{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (figures / f"lenet5_digits_ep21-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with h5py.File(out) as fh:
         grp = fh["checkpoints/lenet5_digits_ep21"]
-        assert grp.attrs["n_samples"] == 1438 and grp.attrs["epoch"] == 21 and grp["pseudo_hessian"].shape == (10, 10)
+        assert grp.attrs["n_samples"] == 512 and grp.attrs["epoch"] == 21 and grp["pseudo_hessian"].shape == (10, 10)
+        assert grp["spectrum/top/values"].shape == (5,) and grp["spectrum/top/converged"].dtype == bool
+        assert sorted(grp["spectrum/blocks"]) == sorted(
+            [f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2", "fc3") for kind in ("weight", "bias")]
+            + ["conv1", "conv2", "fc1", "fc2", "fc3"])
     info = run("info", out)
-    assert info.exit_code == 0 and "lenet5 on digits (train), epoch 21, N=1438" in info.output
+    assert info.exit_code == 0 and "lenet5 on digits (train), epoch 21, N=512" in info.output
     assert "conv1.weight" in info.output
     again = run("render", out, "--out-dir", tmp_path / "again", "--scale", "symlog")
     assert again.exit_code == 0
@@ -47,14 +53,17 @@ def test_main_job_on_the_shipped_checkpoint(tmp_path: Path) -> None:
 def test_rerun_skips_stored_labels_unless_overwrite(tmp_path: Path) -> None:
     ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
     out = tmp_path / "r.h5"
-    assert run("analyse", ck, "-o", out, "--no-render").exit_code == 0
+    assert run("analyse", ck, "-o", out, "--no-render", "--no-spectrum").exit_code == 0
+    with h5py.File(out) as fh:
+        assert "spectrum" not in fh["checkpoints/tiny_ep03"]
     before = digest(out)
     res = run("analyse", ck, "-o", out, "--no-render")
     assert res.exit_code == 0 and "skipped" in res.output and digest(out) == before
-    res = run("analyse", ck, "-o", out, "--no-render", "--overwrite", "--partition", "layer")
+    res = run("analyse", ck, "-o", out, "--no-render", "--overwrite", "--partition", "layer", "--top-k", "2")
     assert res.exit_code == 0 and digest(out) != before
     with h5py.File(out) as fh:
         assert fh["checkpoints/tiny_ep03"].attrs["partition"] == "layer"
+        assert fh["checkpoints/tiny_ep03/spectrum/top/values"].shape == (2,)
 
 
 def test_several_checkpoints_in_one_file(tmp_path: Path) -> None:
@@ -65,7 +74,8 @@ def test_several_checkpoints_in_one_file(tmp_path: Path) -> None:
     assert res.exit_code == 0 and res.output == ""
     with h5py.File(tmp_path / "reports" / "tiny_ep0.h5") as fh:
         assert sorted(fh["checkpoints"]) == ["tiny_ep01", "tiny_ep02"]
-    assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*.png"))) == 2
+    assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*-heatmaps-linear.png"))) == 2
+    assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*-spectrum-*.pdf"))) == 4
 
 
 @pytest.fixture
@@ -91,6 +101,8 @@ BAD = {
     "unknown data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--data", "imagenet"], "unknown data set"),
     "no CUDA": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--device", "cuda:7"], "CUDA|device"),
     "discrete too big": (lambda tmp: [SHIPPED, "--partition", "discrete"], "discrete partition"),
+    "bad memory size": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--max-memory", "lots"], "memory size"),
+    "zero top-k": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--top-k", "0"], "top-k"),
 }
 
 

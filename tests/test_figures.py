@@ -11,11 +11,29 @@ from curvscope.analysis import AnalysisOptions, analyse_checkpoint
 from curvscope.errors import CurvscopeError
 from curvscope.figures.heatmaps import blocks, heatmap_figure
 from curvscope.figures.render import render
+from curvscope.figures.spectra import blocks_figure, density_figure
+from curvscope.measures.density import gaussian_density
 from curvscope.store.hdf5 import read_results, write_records
 
 KINDS = np.array(["weight", "bias", "weight", "bias"])
 LAYERS = np.array(["fc1", "fc1", "fc2", "fc2"])
 NAMES = np.array(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])
+
+
+def test_density_redrawn_from_stored_quadrature_keeps_unit_mass(stored) -> None:
+    _, ck = stored
+    for width in (0.005, 0.05, 0.3):
+        grid, dens, sigma = gaussian_density(ck["spectrum/density/nodes"], ck["spectrum/density/weights"], width=width)
+        assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-6)
+        assert sigma > 0
+    np.testing.assert_allclose(gaussian_density(ck["spectrum/density/nodes"], ck["spectrum/density/weights"],
+                                                sigma=ck.data_attrs["spectrum/density"]["sigma"],
+                                                grid=ck["spectrum/density/grid"])[1], ck["spectrum/density/density"])
+    fig = density_figure(ck)
+    assert fig.axes[0].get_yscale() == "log"
+    fig = blocks_figure(ck)
+    assert [ax.get_title() for ax in fig.axes][:2] == ["top eigenvalues of each layer block",
+                                                       "top eigenvalues of each tensor block"]
 
 
 def test_blocks_cut_weight_weight_bias_bias_weight_bias() -> None:
@@ -59,10 +77,12 @@ def test_panels_are_symmetric_around_zero(stored) -> None:
 def test_render_writes_pdf_and_png_per_scale(stored, tmp_path: Path) -> None:
     out, _ = stored
     files = render(out, tmp_path / "figs", ["linear", "normalized"])
-    assert sorted(p.name for p in files) == sorted(f"tiny_ep03-heatmaps-{s}.{f}" for s in ("linear", "normalized")
-                                                   for f in ("pdf", "png"))
+    names = [f"heatmaps-{s}" for s in ("linear", "normalized")] + ["spectrum-density", "spectrum-blocks"]
+    assert sorted(p.name for p in files) == sorted(f"tiny_ep03-{n}.{f}" for n in names for f in ("pdf", "png"))
     assert all(p.stat().st_size > 1000 for p in files)
     with pytest.raises(CurvscopeError, match="no checkpoint labelled nope"):
         render(out, tmp_path / "figs", ["linear"], ["nope"])
+    redrawn = render(out, tmp_path / "wide", ["linear"], density_width=0.2)
+    assert any(p.name == "tiny_ep03-spectrum-density.png" for p in redrawn)
     with pytest.raises(CurvscopeError, match="unknown scale"):
         render(out, tmp_path / "figs", ["log"])

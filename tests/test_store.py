@@ -19,6 +19,11 @@ DATASETS = ["partition/name", "partition/kind", "partition/layer", "partition/si
             "pseudo_hessian", "pseudo_hessian_stderr", "pseudo_hessian_inverse", "pseudo_hessian_eigenvalues",
             "learning_rates", "predicted_decrease"]
 
+SPECTRUM = ["top/values", "top/residuals", "top/converged", "bottom/values", "bottom/residuals", "bottom/converged",
+            "density/grid", "density/density", "density/nodes", "density/weights", "trace", "trace_stderr",
+            "normalized_pseudo_hessian_eigenvalues", "blocks/net.1.weight/top/values", "blocks/net.1.weight/trace",
+            "blocks/net.1.weight/trace_stderr", "blocks/net.1/top/converged", "blocks/net.1/names"]
+
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -44,6 +49,12 @@ def test_layout_of_schema_v1(tmp_path: Path, record) -> None:
         assert grp["partition/size"].dtype == np.int64
         assert set(grp["pseudo_hessian_inverse"].attrs) >= {"method", "condition_number", "positive_definite"}
         assert grp.attrs["epoch"] == 3 and grp.attrs["n_samples"] == 40
+        for name in SPECTRUM:
+            assert f"spectrum/{name}" in grp, name
+        assert list(grp["spectrum/blocks"].attrs["order"]) == ["net.1.weight", "net.1.bias", "net.3.weight",
+                                                               "net.3.bias", "net.1", "net.3"]
+        assert grp["spectrum/blocks/net.1"].attrs["kind"] == "layer"
+        assert grp["spectrum/blocks/net.1/trace"].attrs["method"] == "sum of tensor blocks"
 
 
 def test_round_trip(tmp_path: Path, record) -> None:

@@ -13,12 +13,16 @@ import sys
 import textwrap
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 
 from curvscope import __version__
+from curvscope.curvature.spectrum import DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
 from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from curvscope.results import EigenResult, SpectrumResult
 
 SCALE_CHOICE = click.Choice(["linear", "symlog", "normalized"])
 EXIT_BAD_INPUT = 2
@@ -65,6 +69,16 @@ def _json_option(value: str | None, flag: str) -> dict | None:
     return parsed
 
 
+def spectrum_summary(spec: "SpectrumResult") -> str:
+    """One line: the extreme eigenvalues with their convergence, and the trace."""
+    def ends(e: "EigenResult") -> str:
+        flags = "" if e.converged.all() else f" ({int((~e.converged).sum())} not converged)"
+        return ", ".join(f"{v:.4g}" for v in e.values) + flags
+
+    return (f"top eigenvalues {ends(spec.top)}; bottom {ends(spec.bottom)}; trace {spec.trace.value:.4g} ± "
+            f"{spec.trace.stderr:.2g}; {spec.products} Hessian-vector products ({spec.mode}) in {spec.elapsed_s:.1f} s")
+
+
 def _default_output(labels: Sequence[str]) -> Path:
     prefix = os.path.commonprefix(list(labels)).rstrip("_-.") if len(labels) > 1 else labels[0]
     return Path("reports") / f"{prefix or 'results'}.h5"
@@ -102,6 +116,20 @@ def main(debug: bool) -> None:
 @click.option("--data", help="Data set name, overriding the checkpoint's.")
 @click.option("--data-kwargs", help="JSON keyword arguments of --data.")
 @click.option("--loss", type=click.Choice(["cross_entropy", "nll", "mse"]), help="Loss, overriding the checkpoint's.")
+@click.option("--spectrum/--no-spectrum", default=True, show_default=True,
+              help="Hessian eigenvalues (Lanczos), trace (Hutch++) and density (SLQ), whole model and per block.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Eigenvalues at each end of the spectrum (top only for blocks).")
+@click.option("--lanczos-steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True,
+              help="Most Lanczos steps per run (runs stop earlier once residuals are small); also the SLQ steps.")
+@click.option("--lanczos-tol", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOL, show_default=True,
+              help="An eigenvalue is converged when its residual is at most this times ‖H‖.")
+@click.option("--slq-runs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Probe vectors of the SLQ density.")
+@click.option("--trace-matvecs", type=click.IntRange(min=3), default=DEFAULT_TRACE_MATVECS, show_default=True,
+              help="Hessian-vector products per Hutch++ trace.")
+@click.option("--max-memory", default="2G", show_default=True,
+              help="Keep the double-backward graphs for reuse when they fit this size; else recompute them.")
 @click.option("--scale", "scales", type=SCALE_CHOICE, multiple=True, default=["linear"], show_default=True,
               help="Heatmap scale; repeat for several.")
 @click.option("--figures", "figure_dir", type=click.Path(path_type=Path, file_okay=False),
@@ -112,11 +140,13 @@ def main(debug: bool) -> None:
 def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
             batch_size: int, split: str, seed: int, device: str, dtype: str, strategy: str, model: str | None,
             model_kwargs: str | None, data: str | None, data_kwargs: str | None, loss: str | None,
-            scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
+            spectrum: bool, top_k: int, lanczos_steps: int, lanczos_tol: float, slq_runs: int,
+            trace_matvecs: int, max_memory: str, scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
             quiet: bool) -> None:
     """Compute H̄, H̄⁻¹ and the Newton step of each CHECKPOINT; store them and draw the heatmaps."""
     from curvscope.analysis import AnalysisOptions, analyse_checkpoint, default_label
     from curvscope.cli.progress import ProgressLine
+    from curvscope.curvature.hvp import parse_memory
     from curvscope.figures.render import render
     from curvscope.store.hdf5 import check_writable, stored_labels, write_records
 
@@ -132,7 +162,9 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
     options = AnalysisOptions(samples=samples, batch_size=batch_size, partition=partition, split=split, seed=seed,
                               device=device, dtype=dtype, strategy=strategy, model=model,
                               model_kwargs=_json_option(model_kwargs, "--model-kwargs"), data=data,
-                              data_kwargs=_json_option(data_kwargs, "--data-kwargs"), loss=loss)
+                              data_kwargs=_json_option(data_kwargs, "--data-kwargs"), loss=loss,
+                              spectrum=spectrum, top_k=top_k, lanczos_steps=lanczos_steps, lanczos_tol=lanczos_tol,
+                              slq_runs=slq_runs, trace_matvecs=trace_matvecs, max_memory=parse_memory(max_memory))
     done = set(stored_labels(output))
     for path, label in zip(checkpoints, labels):
         if label in done and not overwrite:
@@ -151,6 +183,8 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
                        f"H̄ {'positive definite' if s.positive_definite else 'indefinite'}, "
                        f"condition number {s.condition_number:.3g} ({s.method}), predicted decrease "
                        f"{s.predicted_decrease:.4g}; {record.attrs['elapsed_s']:.1f} s -> {output}")
+            if record.spectrum is not None:
+                click.echo(f"{label}: {spectrum_summary(record.spectrum)}")
     if not no_render:
         written = render(output, figure_dir, scales, labels)
         if not quiet:
@@ -164,11 +198,14 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
 @click.option("--scale", "scales", type=SCALE_CHOICE, multiple=True, default=["linear"], show_default=True,
               help="Heatmap scale; repeat for several.")
 @click.option("--label", "labels", multiple=True, help="Only these checkpoints (repeatable).")
-def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...]) -> None:
+@click.option("--density-width", type=click.FloatRange(min=0, min_open=True),
+              help="Redraw the SLQ density with σ = this fraction of the spectrum's span [default: as stored].")
+def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...],
+                   density_width: float | None) -> None:
     """Draw the figures of RESULTS (an HDF5 results file) from the stored data alone."""
     from curvscope.figures.render import render
 
-    for path in render(results, out_dir, scales, labels or None):
+    for path in render(results, out_dir, scales, labels or None, density_width):
         click.echo(str(path))
 
 

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 from curvscope.errors import CurvscopeError
 from curvscope.figures.heatmaps import SCALES, heatmap_figure
 from curvscope.figures.output import save_figure
+from curvscope.figures.spectra import blocks_figure, density_figure, has_spectrum
 from curvscope.store.hdf5 import read_results
 
 
@@ -18,10 +19,11 @@ def default_figure_dir(results: Path) -> Path:
 
 
 def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
-           labels: Sequence[str] | None = None) -> list[Path]:
-    """Draw the heatmaps of every (or each named) checkpoint of `results`, per scale, as PDF and PNG.
+           labels: Sequence[str] | None = None, density_width: float | None = None) -> list[Path]:
+    """Draw the figures of every (or each named) checkpoint of `results` as PDF and PNG in `out_dir`.
 
-    Files are named ``<label>-heatmaps-<scale>.{pdf,png}`` in `out_dir`.
+    ``<label>-heatmaps-<scale>`` per scale; with spectra, ``<label>-spectrum-density``
+    (redrawn with σ = `density_width` x span when given) and ``<label>-spectrum-blocks``.
     """
     for scale in scales:
         if scale not in SCALES:
@@ -38,13 +40,19 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
     out_dir = out_dir or default_figure_dir(results)
     written: list[Path] = []
     for ck in stored:
-        for scale in scales:
-            fig = heatmap_figure(ck, scale)
+        origin = (f"checkpoint {ck.label!r} of {results.name} (source {ck.attrs.get('source')}, "
+                  f"sha256 {ck.attrs.get('sha256')})")
+        figures = [(f"heatmaps-{scale}", lambda s=scale: heatmap_figure(ck, s),
+                    f"heatmaps of the pseudo-Hessian and its inverse, {scale} scale") for scale in scales]
+        if has_spectrum(ck):
+            figures += [("spectrum-density", lambda: density_figure(ck, density_width),
+                         "SLQ density of the Hessian eigenvalues"),
+                        ("spectrum-blocks", lambda: blocks_figure(ck),
+                         "top eigenvalues and traces of the diagonal blocks of the Hessian")]
+        for name, draw, what in figures:
+            fig = draw()
             try:
-                written += save_figure(fig, out_dir / f"{ck.label}-heatmaps-{scale}",
-                                       f"heatmaps of the pseudo-Hessian and its inverse, {scale} scale; "
-                                       f"checkpoint {ck.label!r} of {results.name} "
-                                       f"(source {ck.attrs.get('source')}, sha256 {ck.attrs.get('sha256')})")
+                written += save_figure(fig, out_dir / f"{ck.label}-{name}", f"{what}; {origin}")
             finally:
                 plt.close(fig)
     return written

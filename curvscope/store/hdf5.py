@@ -19,6 +19,8 @@ import numpy as np
 from curvscope import __version__
 from curvscope.analysis import AnalysisRecord
 from curvscope.errors import CurvscopeError
+from curvscope.measures.normalized import normalized
+from curvscope.results import EigenResult, SpectrumResult, TraceResult
 
 FORMAT = "curvscope"
 SCHEMA_VERSION = 1
@@ -31,8 +33,8 @@ class StoredCheckpoint:
 
     label: str
     attrs: dict
-    data: dict  # path inside the group -> np.ndarray (strings decoded)
-    data_attrs: dict  # path -> attrs dict
+    data: dict  # dataset path inside the group -> np.ndarray (strings decoded)
+    data_attrs: dict  # dataset or subgroup path -> attrs dict
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.data[key]
@@ -101,8 +103,45 @@ def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
     grp.create_dataset("pseudo_hessian_eigenvalues", data=s.eigenvalues.astype(np.float64))
     grp.create_dataset("learning_rates", data=s.learning_rates.astype(np.float64))
     grp.create_dataset("predicted_decrease", data=np.float64(s.predicted_decrease))
-    for key, value in rec.extra.items():
-        grp.create_dataset(key, data=np.asarray(value))
+    if rec.spectrum is not None:
+        _write_spectrum(grp.create_group("spectrum"), rec.spectrum, p.pseudo_hessian)
+
+
+def _write_eigen(grp: h5py.Group, e: EigenResult) -> None:
+    grp.create_dataset("values", data=e.values.astype(np.float64))
+    grp.create_dataset("residuals", data=e.residuals.astype(np.float64))
+    grp.create_dataset("converged", data=e.converged.astype(bool))
+    grp.attrs.update({"which": e.which, "dim": e.dim, "tol": e.tol, "steps": e.steps, "verified": e.verified,
+                      "seed": e.seed})
+
+
+def _write_trace(grp: h5py.Group, t: TraceResult) -> None:
+    grp.create_dataset("trace", data=np.float64(t.value))
+    grp.create_dataset("trace_stderr", data=np.float64(t.stderr))
+    grp["trace"].attrs.update({"method": t.method, "matvecs": t.matvecs, "seed": t.seed})
+
+
+def _write_spectrum(grp: h5py.Group, spec: SpectrumResult, pseudo_hessian: np.ndarray) -> None:
+    grp.attrs.update({"hvp_mode": spec.mode, "graph_bytes": spec.graph_bytes, "products": spec.products,
+                      "elapsed_s": spec.elapsed_s})
+    _write_eigen(grp.create_group("top"), spec.top)
+    _write_eigen(grp.create_group("bottom"), spec.bottom)
+    _write_trace(grp, spec.trace)
+    d = spec.density
+    dens = grp.create_group("density")
+    for key in ("grid", "density", "nodes", "weights"):
+        dens.create_dataset(key, data=np.asarray(getattr(d, key), dtype=np.float64))
+    dens.attrs.update({"sigma": d.sigma, "runs": d.runs, "steps": d.steps, "seed": d.seed})
+    grp.create_dataset("normalized_pseudo_hessian_eigenvalues",
+                       data=np.linalg.eigvalsh(np.nan_to_num(normalized(pseudo_hessian))))
+    blocks = grp.create_group("blocks")
+    blocks.attrs.create("order", data=[b.group for b in spec.blocks], dtype=STR)
+    for b in spec.blocks:
+        bg = blocks.create_group(b.group)
+        bg.attrs.update({"kind": b.kind, "dim": b.top.dim})
+        bg.create_dataset("names", data=b.names.astype(object), dtype=STR)
+        _write_eigen(bg.create_group("top"), b.top)
+        _write_trace(bg, b.trace)
 
 
 def write_records(path: Path, records: Sequence[AnalysisRecord]) -> None:
@@ -130,13 +169,13 @@ def write_records(path: Path, records: Sequence[AnalysisRecord]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
+def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Group | h5py.Dataset]]:
+    """Every dataset and subgroup below `group`, by path, parents first."""
     for key, item in group.items():
         name = f"{prefix}{key}"
+        yield name, item
         if isinstance(item, h5py.Group):
             yield from _walk(item, name + "/")
-        else:
-            yield name, item
 
 
 def _decode(value: object) -> object:
@@ -156,8 +195,9 @@ def read_results(path: Path) -> list[StoredCheckpoint]:
     with open_results(path) as fh:
         for label in sorted(fh.get("checkpoints", {}).keys()):
             grp = fh["checkpoints"][label]
-            data = {name: _decode(ds[()]) for name, ds in _walk(grp)}
-            data_attrs = {name: {k: _decode(v) for k, v in ds.attrs.items()} for name, ds in _walk(grp)}
+            items = list(_walk(grp))
+            data = {name: _decode(ds[()]) for name, ds in items if isinstance(ds, h5py.Dataset)}
+            data_attrs = {name: {k: _decode(v) for k, v in ds.attrs.items()} for name, ds in items}
             out.append(StoredCheckpoint(label, {k: _decode(v) for k, v in grp.attrs.items()}, data, data_attrs))
     return out
 
@@ -188,6 +228,15 @@ def describe(path: Path) -> str:
             lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
                          f"{ck['pseudo_gradient'][i]:11.4g} {ck['pseudo_hessian'][i, i]:11.4g} "
                          f"{ck['learning_rates'][i]:11.4g}")
+        if "spectrum/top/values" in ck.data:
+            sa = ck.data_attrs.get("spectrum", {})
+            for end in ("top", "bottom"):
+                vals, conv = ck[f"spectrum/{end}/values"], ck[f"spectrum/{end}/converged"]
+                lines.append(f"  Hessian {end}-{len(vals)}: " + ", ".join(
+                    f"{v:.5g}{'' if c else ' (not converged)'}" for v, c in zip(vals, conv)))
+            lines.append(f"  Hessian trace {float(ck['spectrum/trace']):.5g} ± {float(ck['spectrum/trace_stderr']):.2g}; "
+                         f"{sa.get('products')} Hessian-vector products ({sa.get('hvp_mode')}), "
+                         f"{sa.get('elapsed_s', 0):.1f} s")
         lines.append("  datasets:")
         for name in sorted(ck.data):
             arr = np.asarray(ck.data[name])

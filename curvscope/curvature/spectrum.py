@@ -1,0 +1,159 @@
+"""Hessian spectra: extreme eigenvalues (Lanczos), traces (Hutch++) and densities (SLQ).
+
+Public API (DESIGN.md §3): :func:`eigenvalues`, :func:`trace`,
+:func:`spectral_density`, each over the analysis set `batches` with exact
+n_b/N batch weights, for the whole model or one diagonal block (`group`: a
+tensor name such as "conv1.weight" or a layer name such as "conv1").
+:func:`spectrum` computes everything `curvscope analyse` stores, reusing one
+set of kept graphs.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvscope.curvature.hutchpp import hutchpp
+from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, BlockOperator, HessianProducts
+from curvscope.curvature.lanczos import extreme_eigenpairs, quadrature, random_start
+from curvscope.curvature.objective import Batch, Progress, no_progress
+from curvscope.errors import CurvscopeError
+from curvscope.measures.density import DEFAULT_WIDTH, gaussian_density
+from curvscope.results import BlockSpectrum, DensityResult, EigenResult, SpectrumResult, TraceResult
+from curvscope.sources.losses import LossFn
+
+DEFAULT_TOL = 1e-5  # residual <= tol·‖H‖; the eigenvalue error is then <= min(r, r²/gap)
+DEFAULT_STEPS = 80
+DEFAULT_TRACE_MATVECS = 30
+
+
+def _generator(seed: int, tag: str) -> torch.Generator:
+    """A generator for one computation, independent of the order computations run in."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(tag.encode())) % 2 ** 63)
+
+
+def block_eigenvalues(op: BlockOperator, k: int = 5, which: str = "largest", *, tol: float = DEFAULT_TOL,
+                      max_steps: int = DEFAULT_STEPS, seed: int = 0, verify: bool = True,
+                      group: str = "") -> EigenResult:
+    """The k largest or smallest eigenvalues of the operator `op` (see :func:`eigenvalues`)."""
+    if which not in ("largest", "smallest"):
+        raise CurvscopeError(f"which must be 'largest' or 'smallest', not {which!r}.")
+    if k < 1 or max_steps < 1:
+        raise CurvscopeError(f"k and the number of Lanczos steps must be positive (k={k}, steps={max_steps}).")
+    pairs = extreme_eigenpairs(op.matvec, op.dim, k, which == "largest", tol=tol, max_steps=max_steps,
+                               generator=_generator(seed, f"{which}:{group}"), device=op.device, verify=verify)
+    return EigenResult(pairs.values, pairs.residuals, pairs.converged, which, group, op.dim, tol, pairs.steps,
+                       pairs.verified, seed)
+
+
+def block_trace(op: BlockOperator, matvecs: int = DEFAULT_TRACE_MATVECS, *, seed: int = 0, group: str = "") -> TraceResult:
+    """tr(H_BB) by Hutch++ with `matvecs` products (exact when the block has at most that many scalars)."""
+    value, stderr, exact = hutchpp(op.matvec, op.dim, matvecs, generator=_generator(seed, f"trace:{group}"),
+                                   device=op.device)
+    return TraceResult(value, stderr, "exact" if exact else "hutch++", min(matvecs, op.dim), group, op.dim, seed)
+
+
+def block_density(op: BlockOperator, runs: int = 1, steps: int = DEFAULT_STEPS, *, width: float = DEFAULT_WIDTH,
+                  seed: int = 0) -> DensityResult:
+    """The SLQ density of `op` from `runs` Gaussian probes x `steps` Lanczos steps (see :func:`spectral_density`)."""
+    if runs < 1 or steps < 1:
+        raise CurvscopeError(f"SLQ needs at least one run and one step (runs={runs}, steps={steps}).")
+    gen = _generator(seed, "density")
+    nodes = np.full((runs, steps), np.nan)
+    weights = np.zeros((runs, steps))
+    for r in range(runs):
+        theta, w = quadrature(op.matvec, random_start(op.dim, gen, op.device), steps)
+        nodes[r, :len(theta)], weights[r, :len(w)] = theta, w
+    grid, dens, sigma = gaussian_density(nodes, weights, width=width)
+    return DensityResult(grid, dens, nodes, weights, sigma, runs, steps, seed)
+
+
+def _products(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], max_memory: int,
+              device: str | torch.device | None, dtype: torch.dtype | None) -> HessianProducts:
+    return HessianProducts.create(model, loss_fn, batches, max_memory=max_memory, device=device, dtype=dtype)
+
+
+def eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], k: int = 5, which: str = "largest",
+                group: str | None = None, *, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
+                seed: int = 0, verify: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EigenResult:
+    """The k largest (or smallest, algebraic) eigenvalues of H = ∇²L or of its diagonal block `group`.
+
+    Lanczos with full reorthogonalisation in float64; stops when every wanted
+    Ritz value's residual is below tol·‖H‖ (or after `max_steps`), then checks
+    for missed (repeated) eigenvalues with a deflated run. `.values` are most
+    extreme first; `.converged` flags each one.
+    """
+    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
+        return block_eigenvalues(hp.operator(group), k, which, tol=tol, max_steps=max_steps, seed=seed,
+                                 verify=verify, group=group or "")
+
+
+def trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], group: str | None = None, *,
+          matvecs: int = DEFAULT_TRACE_MATVECS, seed: int = 0, max_memory: int = DEFAULT_MAX_MEMORY,
+          device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TraceResult:
+    """tr(H) or tr(H_BB) by Hutch++, with `.value` and `.stderr`."""
+    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
+        return block_trace(hp.operator(group), matvecs, seed=seed, group=group or "")
+
+
+def spectral_density(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], group: str | None = None, *,
+                     runs: int = 1, steps: int = DEFAULT_STEPS, width: float = DEFAULT_WIDTH, seed: int = 0,
+                     max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> DensityResult:
+    """The eigenvalue density of H by stochastic Lanczos quadrature.
+
+    density(x) = (1/runs) Σ_r Σ_j τ_rj N(x; θ_rj, σ²) with Ritz values θ and
+    weights τ (squared first components of T's eigenvectors) of a Lanczos run
+    from each Gaussian probe; σ = width x (span of the nodes).
+    """
+    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
+        return block_density(hp.operator(group), runs, steps, width=width, seed=seed)
+
+
+def spectrum(hp: HessianProducts, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
+             slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS, seed: int = 0,
+             blocks: bool = True, progress: Progress = no_progress) -> SpectrumResult:
+    """Top and bottom k eigenvalues, trace and density of H; top k eigenvalues and trace of every block.
+
+    Blocks are every parameter tensor and every layer (module with several tensors).
+    """
+    start = time.perf_counter()
+    groups = hp.groups() if blocks else {}
+    total, done = 4 + 2 * len(groups), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        progress("spectrum", done, total)
+
+    whole = hp.operator(None)
+    top = block_eigenvalues(whole, k, "largest", tol=tol, max_steps=max_steps, seed=seed)
+    step()
+    bottom = block_eigenvalues(whole, k, "smallest", tol=tol, max_steps=max_steps, seed=seed)
+    step()
+    tr = block_trace(whole, trace_matvecs, seed=seed)
+    step()
+    density = block_density(whole, slq_runs, slq_steps, seed=seed)
+    step()
+    out, traces = [], {}
+    for name, indices in groups.items():  # tensors first, then layers
+        op = hp.operator(name)
+        t = block_eigenvalues(op, k, "largest", tol=tol, max_steps=max_steps, seed=seed, group=name)
+        step()
+        if len(indices) == 1 and name == hp.names[indices[0]]:
+            kind, traces[indices[0]] = "tensor", block_trace(op, trace_matvecs, seed=seed, group=name)
+            tr_block = traces[indices[0]]
+        else:
+            parts = [traces[i] for i in indices]
+            kind = "layer"
+            tr_block = TraceResult(sum(p.value for p in parts), float(np.sqrt(sum(p.stderr ** 2 for p in parts))),
+                                   "sum of tensor blocks", 0, name, op.dim, seed)
+        out.append(BlockSpectrum(name, kind, np.asarray(op.names, dtype=str), t, tr_block))
+        step()
+    return SpectrumResult(top, bottom, density, tr, out, hp.mode, hp.graph_bytes, hp.count,
+                          time.perf_counter() - start)

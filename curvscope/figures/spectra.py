@@ -1,0 +1,95 @@
+"""Spectrum figures from the stored file: the SLQ density, and per-block top eigenvalues and traces."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from curvscope.measures.density import gaussian_density  # noqa: E402
+from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
+
+
+def has_spectrum(stored: StoredCheckpoint) -> bool:
+    """Whether the checkpoint was analysed with spectra."""
+    return "spectrum/density/grid" in stored.data
+
+
+def _title(stored: StoredCheckpoint, what: str) -> str:
+    a = stored.attrs
+    epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
+    return f"{stored.label}: {what} — {a.get('model')} on {a.get('dataset')} (N={a.get('n_samples')}){epoch}"
+
+
+def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figure:
+    """The SLQ eigenvalue density of H on a log scale, with the extreme eigenvalues marked.
+
+    With `width`, the density is redrawn from the stored nodes and weights with σ = width x span.
+    """
+    d = "spectrum/density/"
+    attrs = stored.data_attrs.get("spectrum/density", {})
+    if width is None:
+        grid, dens, sigma = stored[d + "grid"], stored[d + "density"], float(attrs.get("sigma", np.nan))
+    else:
+        grid, dens, sigma = gaussian_density(stored[d + "nodes"], stored[d + "weights"], width=width)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    floor = dens.max() * 1e-12
+    ax.semilogy(grid, np.maximum(dens, floor), color="#1f4e79", lw=1.4,
+                label=f"SLQ density ({int(attrs.get('runs', 0))} run(s) × {int(attrs.get('steps', 0))} steps, "
+                      f"σ = {sigma:.3g})")
+    for end, color in (("top", "#b2182b"), ("bottom", "#2166ac")):
+        values = stored.data.get(f"spectrum/{end}/values")
+        if values is None:
+            continue
+        conv = stored[f"spectrum/{end}/converged"]
+        for i, (v, c) in enumerate(zip(values, conv)):
+            ax.axvline(v, color=color, lw=0.8, ls="-" if c else "--", alpha=0.8,
+                       label=f"{end}-{len(values)} Lanczos (dashed: not converged)" if i == 0 else None)
+    ax.set_ylim(bottom=max(floor, dens.max() * 1e-8))
+    ax.set_xlabel("eigenvalue λ of the Hessian")
+    ax.set_ylabel("density")
+    ax.set_title(_title(stored, "Hessian spectrum"), fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def _blocks(stored: StoredCheckpoint, kind: str) -> list[str]:
+    order = stored.data_attrs.get("spectrum/blocks", {}).get("order", [])
+    return [g for g in np.atleast_1d(order)
+            if stored.data_attrs.get(f"spectrum/blocks/{g}", {}).get("kind") == kind]
+
+
+def blocks_figure(stored: StoredCheckpoint) -> Figure:
+    """Top-k eigenvalues (hollow: not converged) and Hutch++ traces (± 1 stderr) of every diagonal block."""
+    kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 + 0.45 * max(len(_blocks(stored, k)) for k in kinds)
+                                                     * len(kinds), 6.4), squeeze=False, layout="constrained")
+    for c, kind in enumerate(kinds):
+        groups = _blocks(stored, kind)
+        x = np.arange(len(groups))
+        ax = axes[0, c]
+        for i, g in enumerate(groups):
+            vals, conv = stored[f"spectrum/blocks/{g}/top/values"], stored[f"spectrum/blocks/{g}/top/converged"]
+            ax.scatter(np.full(len(vals), i)[conv], vals[conv], color="#b2182b", s=22, zorder=3)
+            ax.scatter(np.full(len(vals), i)[~conv], vals[~conv], facecolor="none", edgecolor="#b2182b", s=22, zorder=3)
+        every = np.concatenate([stored[f"spectrum/blocks/{g}/top/values"] for g in groups])
+        if np.all(every > 0):
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
+        ax.set_title(f"top eigenvalues of each {kind} block", fontsize=10)
+        ax.set_ylabel("eigenvalue of H_BB")
+        tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups])
+        se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups])
+        axes[1, c].bar(x, tr, yerr=se, color="#4393c3", ecolor="black", capsize=3)
+        axes[1, c].set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
+        axes[1, c].set_ylabel("tr(H_BB)")
+        if np.all(tr > 0):
+            axes[1, c].set_yscale("log")
+        for ax in axes[:, c]:
+            ax.set_xticks(x, groups, rotation=90, fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(_title(stored, "diagonal blocks"), fontsize=10)
+    return fig

@@ -1,0 +1,126 @@
+"""Lanczos, SLQ and Hutch++ against the dense float64 Hessian of small models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import Case, dense, make_case
+from curvscope import eigenvalues, spectral_density, trace
+from curvscope.curvature.hvp import HessianProducts, parse_memory
+from curvscope.curvature.lanczos import extreme_eigenpairs
+from curvscope.curvature.spectrum import block_eigenvalues, block_trace
+from curvscope.errors import CurvscopeError
+
+
+def exact_spectrum(case: Case, sl: slice | None = None) -> np.ndarray:
+    h = dense(case, case.batches([5, 7])).hessian.numpy()
+    if sl is not None:
+        h = h[sl, sl]
+    return np.linalg.eigvalsh(h)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_extreme_eigenvalues_match_dense(case: Case, which: str) -> None:
+    lam = exact_spectrum(case)
+    res = eigenvalues(case.model, case.loss_fn, case.batches([5, 7]), k=4, which=which, tol=1e-10, max_steps=300)
+    expected = lam[::-1][:4] if which == "largest" else lam[:4]
+    np.testing.assert_allclose(res.values, expected, rtol=1e-8, atol=1e-12 * np.abs(lam).max())
+    assert res.converged.all() and res.verified and res.which == which and res.dim == len(lam)
+    assert np.all(res.residuals <= 1e-10 * np.abs(lam).max())
+
+
+def test_block_eigenvalues_equal_the_dense_block() -> None:
+    case = make_case("cnn")
+    d = dense(case, case.batches([5, 7]))
+    h = d.hessian.numpy()
+    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
+        for group, sl in (("conv.weight", d.slices[0]), ("fc", slice(d.slices[2].start, d.slices[3].stop))):
+            res = block_eigenvalues(hp.operator(group), 3, "largest", tol=1e-10, max_steps=300, group=group)
+            np.testing.assert_allclose(res.values, np.linalg.eigvalsh(h[sl, sl])[::-1][:3], rtol=1e-8)
+            assert res.converged.all() and res.group == group
+        with pytest.raises(CurvscopeError, match="no parameter tensor or layer is called 'fc2'"):
+            hp.operator("fc2")
+
+
+def test_cached_and_streamed_products_agree() -> None:
+    case = make_case("layernorm")
+    v = torch.randn(sum(p.numel() for p in case.model.parameters()), dtype=torch.float64)
+    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as cached:
+        a = cached.operator()(v)
+        assert cached.mode == "cached" and cached.graph_bytes > 0
+    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7]), max_memory=0) as streamed:
+        b = streamed.operator()(v)
+        assert streamed.mode == "streamed"
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    d = dense(case, case.batches([5, 7]))
+    torch.testing.assert_close(a, d.hessian @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_slq_density_integrates_to_one_and_matches_moments() -> None:
+    """E[vᵀH^j v/‖v‖²] = tr(H^j)/P for a Gaussian v; checked within 4 standard errors over 200 probes."""
+    case = make_case("mlp")
+    lam = exact_spectrum(case)
+    P = len(lam)
+    res = spectral_density(case.model, case.loss_fn, case.batches([5, 7]), runs=200, steps=P, seed=3)
+    np.testing.assert_allclose(res.weights.sum(1), 1.0, rtol=1e-12)
+    assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-6)
+    for j in (1, 2):
+        per_run = np.nansum(res.weights * np.nan_to_num(res.nodes) ** j, axis=1)
+        exact = np.mean(lam ** j)
+        assert abs(per_run.mean() - exact) <= 4 * per_run.std(ddof=1) / np.sqrt(len(per_run)), j
+    mean = np.trapezoid(res.grid * res.density, res.grid)
+    assert mean == pytest.approx(np.nansum(res.weights * np.nan_to_num(res.nodes)) / 200, rel=1e-6)
+
+
+def test_hutchpp_within_three_standard_errors() -> None:
+    case = make_case("cnn")
+    exact = float(np.trace(dense(case, case.batches([5, 7])).hessian.numpy()))
+    z = []
+    for seed in range(8):
+        res = trace(case.model, case.loss_fn, case.batches([5, 7]), matvecs=30, seed=seed)
+        assert not res.exact and res.stderr > 0
+        z.append((res.value - exact) / res.stderr)
+    assert np.all(np.abs(z) <= 3), z
+    assert len(set(np.round(z, 6))) == 8  # the seeds really change the probes
+
+
+def test_trace_is_exact_for_small_blocks() -> None:
+    case = make_case("cnn")
+    d = dense(case, case.batches([5, 7]))
+    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
+        res = block_trace(hp.operator("fc.bias"), 30, group="fc.bias")
+    sl = d.slices[3]
+    assert res.exact and res.stderr == 0
+    assert res.value == pytest.approx(float(np.trace(d.hessian.numpy()[sl, sl])), rel=1e-12)
+
+
+def _diag_operator(lam: np.ndarray, seed: int = 0):
+    q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(seed)))
+    a = q @ torch.diag(torch.as_tensor(lam)) @ q.T
+    return lambda v: a @ v
+
+
+@pytest.mark.parametrize("top", [
+    [10.0, 10.0, 10.0, 9.0],  # exactly repeated: one Krylov space sees a single copy
+    [10.0, 10.0 - 1e-9, 10.0 - 2e-9, 9.0],  # clustered within 1e-10 relative
+    [10.0, 9.99, 9.98, 9.97],  # clustered within 1e-3
+])
+def test_clustered_top_eigenvalues_are_resolved_or_flagged(top: list[float]) -> None:
+    rng = np.random.default_rng(0)
+    lam = np.concatenate([top, rng.uniform(-1, 8.5, 196)])
+    truth = np.sort(lam)[::-1][:5]
+    for steps in (15, 40, 200):
+        res = extreme_eigenpairs(_diag_operator(lam), len(lam), 5, True, tol=1e-9, max_steps=steps,
+                                 generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
+        ok = np.abs(res.values - truth) <= 1e-8 * 10
+        assert np.all(ok[res.converged]), (steps, res.values, truth, res.converged)
+    assert res.converged.all()  # with enough steps every value is found
+
+
+def test_memory_sizes() -> None:
+    assert parse_memory("2G") == 2 * 1024 ** 3 and parse_memory("512MiB") == 512 * 1024 ** 2
+    assert parse_memory("1000") == 1000 and parse_memory("1.5k") == 1536
+    with pytest.raises(CurvscopeError, match="memory size"):
+        parse_memory("lots")
