@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark curvscope against the hand-written alternative, on the same model and data, in one run.
+"""Benchmark curvscope against the hand-written alternative and the peer libraries, in one run.
 
 Pseudo-Hessian suite (issue #2), CIFAR-shaped inputs (3x32x32, seeded N(0,1),
 10 classes), float32, the paper's initialisation:
@@ -11,10 +11,17 @@ products H U_s); curvscope's `pseudo_hessian` (gradient pass included). The
 ratio is curvscope / hand-written (below 1 is faster). Both results are
 compared entrywise (max relative difference) so a fast wrong answer shows.
 
-    python scripts/bench.py                  # both models, writes reports/bench/
-    python scripts/bench.py --models lenet5  # one model
+Spectrum suite (issue #3), one batch (LeNet-5: 256 samples, VGG-11': 64):
+top-5 Hessian eigenvalues and an SLQ density (1 run x 100 steps) by curvscope,
+hessian-eigenthings (Lanczos, 40 steps) and PyHessian (power iteration), each
+timed and compared with an exact reference (float64 Hessian-vector products,
+scipy eigsh, tol 1e-8). Needs the bench extra: pip install -e ".[bench]".
 
-Timings are the best of --repeat runs after one warm-up batch.
+    python scripts/bench.py                          # both suites, both models, writes reports/bench/
+    python scripts/bench.py --suites spectrum --models lenet5
+
+Timings are the best of --repeat runs after one warm-up batch; torch uses
+--threads threads (default: all cores).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from curvscope import __version__, pseudo_hessian
+from curvscope import __version__, eigenvalues, pseudo_hessian, spectral_density
 from curvscope.curvature.partition import trainable
 from curvscope.sources.losses import build_loss
 from curvscope.sources.zoo import build_model
@@ -112,26 +119,90 @@ def markdown(rows: list[dict], strategies: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _rel_error(values: np.ndarray | None, ref: np.ndarray) -> float:
+    if values is None or len(values) < len(ref):
+        return float("nan")
+    return float(np.max(np.abs(np.asarray(values)[:len(ref)] - ref) / np.abs(ref)))
+
+
+def bench_spectrum(name: str, repeat: int) -> list[dict]:
+    """Top-5 and SLQ density by curvscope and the peers on one batch, against eigsh in float64."""
+    import peers  # scripts/peers.py: the peer libraries, imported only for this suite
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    loss_fn = build_loss("nll")
+    (x, y), = cifar_shaped(SETTINGS[name]["batch_size"], SETTINGS[name]["batch_size"])
+    start = time.perf_counter()
+    ref = peers.exact_top_k(model, loss_fn, x, y, k=5, tol=1e-8)
+    t_ref = time.perf_counter() - start
+    rows = [{"model": name, "task": "top-5", "tool": "reference (float64 eigsh, tol 1e-8)", "seconds": t_ref,
+             "rel_error": 0.0, "values": ref.tolist(), "note": ""}]
+    t, ours = best_time(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5), repeat)
+    rows.append({"model": name, "task": "top-5", "tool": "curvscope", "seconds": t,
+                 "rel_error": _rel_error(ours.values, ref), "values": ours.values.tolist(),
+                 "note": f"{ours.steps} Lanczos steps + 5 residual products, converged {int(ours.converged.sum())}/5, "
+                         f"verified {ours.verified}"})
+    for tool, fn in (("hessian-eigenthings", peers.eigenthings_top_k), ("PyHessian", peers.pyhessian_top_k)):
+        res = min((fn(model, loss_fn, x, y, k=5) for _ in range(repeat)), key=lambda r: r.seconds)
+        rows.append({"model": name, "task": "top-5", "tool": tool, "seconds": res.seconds,
+                     "rel_error": _rel_error(res.values, ref), "values": None if res.values is None else
+                     res.values.tolist(), "note": res.error or res.note})
+    t, dens = best_time(lambda: spectral_density(model, loss_fn, [(x, y)], runs=1, steps=100), repeat)
+    rows.append({"model": name, "task": "density 1x100", "tool": "curvscope", "seconds": t,
+                 "rel_error": _rel_error(np.sort(dens.nodes[np.isfinite(dens.nodes)])[::-1], ref),
+                 "values": None, "note": "rel. error: its top 5 nodes against the reference"})
+    for tool, fn in (("hessian-eigenthings", peers.eigenthings_density), ("PyHessian", peers.pyhessian_density)):
+        res = min((fn(model, loss_fn, x, y, runs=1, steps=100) for _ in range(repeat)), key=lambda r: r.seconds)
+        rows.append({"model": name, "task": "density 1x100", "tool": tool, "seconds": res.seconds,
+                     "rel_error": _rel_error(res.values, ref), "values": None,
+                     "note": res.error or "rel. error: its top 5 nodes against the reference"})
+    return rows
+
+
+def spectrum_markdown(rows: list[dict]) -> str:
+    lines = ["| model | task | tool | time | time / hessian-eigenthings | max rel. error of top 5 | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = next((q["seconds"] for q in rows if q["model"] == r["model"] and q["task"] == r["task"]
+                     and q["tool"] == "hessian-eigenthings"), float("nan"))
+        ratio = "" if r["tool"].startswith("reference") else f"{r['seconds'] / peer:.2f}x"
+        err = "failed" if r["note"].startswith(("RuntimeError", "Error")) else f"{r['rel_error']:.1e}"
+        lines.append(f"| {r['model']} | {r['task']} | {r['tool']} | {r['seconds']:.2f} s | {ratio} | {err} | "
+                     f"{r['note'][:120]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--strategies", nargs="+", default=["auto", "batched"],
                         choices=["auto", "triangular", "batched"])
+    parser.add_argument("--suites", nargs="+", default=["pseudo-hessian", "spectrum"],
+                        choices=["pseudo-hessian", "spectrum"])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     env = {"curvscope": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d")}
-    rows = []
-    for name in args.models:
-        rows.append(bench_pseudo_hessian(name, args.repeat, args.strategies))
-        print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows, args.strategies)
-    print(f"\n{table}\n\n{env}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pseudo_hessian.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-    (args.out / "pseudo_hessian.md").write_text(table + "\n")
+    suites = {"pseudo-hessian": ("pseudo_hessian", lambda m: [bench_pseudo_hessian(m, args.repeat, args.strategies)],
+                                 lambda rows: markdown(rows, args.strategies)),
+              "spectrum": ("spectrum", lambda m: bench_spectrum(m, args.repeat), spectrum_markdown)}
+    for suite in args.suites:
+        stem, run, table_of = suites[suite]
+        rows = []
+        for name in args.models:
+            for row in run(name):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        table = table_of(rows)
+        print(f"\n{table}\n\n{env}\n", flush=True)
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        (args.out / f"{stem}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+MIN_CHECK_STEPS = 8  # the check run's Krylov space must be at least this large before it can clear
 BREAKDOWN = 1e-12  # β_j <= BREAKDOWN·max|α|: the Krylov space is invariant, the Ritz values are exact
 
 
@@ -112,8 +113,11 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     Lanczos runs until the residual estimates of the k wanted Ritz values are
     below tol·‖H‖, or `max_steps`. A second, deflated run from a fresh start
     vector (kept orthogonal to the k Ritz vectors) then checks that no
-    eigenvalue beyond the k-th was missed — a single Krylov space sees only one
-    copy of a repeated eigenvalue; any it finds replaces the k-th, and the
+    eigenvalue beyond the k-th θ_k was missed — a single Krylov space sees only
+    one copy of a repeated eigenvalue. It clears the values once its top Ritz
+    value θ' satisfies θ' + r' < θ_k (r' its residual estimate; after at least
+    MIN_CHECK_STEPS steps, as extreme eigenvalues are the first a Krylov space
+    resolves); an eigenvalue it finds beyond θ_k replaces the k-th, and the
     check repeats. The check is skipped when the first run did not settle (the
     values are then flagged unconverged anyway). Finally each Ritz pair's true
     residual is measured.
@@ -142,12 +146,21 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     vectors = torch.as_tensor(s[:, order].T, device=device) @ first.basis
     steps, verified = first.steps, False
     while verify and settled_first and len(values) == k and k < n:
-        check = lanczos(op, random_start(n, generator, device), max_steps, locked=vectors, stop=settled(1))
+        kth = values[-1]
+
+        def decided(kr: Krylov) -> bool:
+            th, _, est_ = kr.ritz()
+            i = int(np.argmax(th))
+            below = kr.steps >= MIN_CHECK_STEPS and th[i] + est_[i] < kth
+            return below or (th[i] > kth + tol * scale[0] and est_[i] <= tol * scale[0])
+
+        check = lanczos(op, random_start(n, generator, device), max_steps, locked=vectors, stop=decided,
+                        check_every=2)
         steps += check.steps
         th2, s2, est2 = check.ritz()
         top = int(np.argmax(th2))
-        if th2[top] <= values[-1] + tol * scale[0]:
-            verified = bool(est2[top] <= tol * scale[0])
+        if th2[top] <= kth + tol * scale[0]:
+            verified = bool(th2[top] + est2[top] < kth or est2[top] <= tol * scale[0])
             break
         x = torch.as_tensor(s2[:, top], device=device) @ check.basis  # a missed eigenpair
         pos = int(np.searchsorted(-np.asarray(values), -th2[top]))
