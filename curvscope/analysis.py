@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from curvscope import __version__
@@ -18,8 +19,10 @@ from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, HessianProducts
 from curvscope.curvature.newton_step import newton_step
 from curvscope.curvature.objective import Progress, no_progress
 from curvscope.curvature.pseudo_hessian import pseudo_hessian
+from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.curvature.spectrum import DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS, spectrum
 from curvscope.errors import CurvscopeError
+from curvscope.measures.interactions import Interactions, interactions
 from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
@@ -61,6 +64,8 @@ class AnalysisRecord:
     attrs: dict
     pseudo: PseudoHessianResult
     step: NewtonStep
+    interactions: Interactions
+    loss_after: np.ndarray  # L(θ − Σ η_s U_s) for each of interactions.steps
     spectrum: SpectrumResult | None = None
 
 
@@ -77,7 +82,8 @@ def resolve_device(name: str) -> torch.device:
 
 def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | None = None,
                        progress: Progress = no_progress) -> AnalysisRecord:
-    """Load `path`, compute ḡ, H̄, H̄⁻¹, the Newton step and (unless turned off) the spectra."""
+    """Load `path`; compute ḡ, H̄, H̄⁻¹, the Newton step, the interaction measures with the actual
+    loss after each step, and (unless turned off) the spectra."""
     start = time.perf_counter()
     if options.dtype not in DTYPES:
         raise CurvscopeError(f"unknown dtype {options.dtype!r}: use float32 or float64.")
@@ -94,6 +100,10 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
                             dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
     step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
+    inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr, step.inverse,
+                         pseudo.kinds, pseudo.layers, step.positive_definite)
+    _, after = loss_after_steps(ckpt.model, ckpt.loss_fn, batches, options.partition,
+                                [st.learning_rates for st in inter.steps], device=device, dtype=DTYPES[options.dtype])
     spec = None
     if options.spectrum:
         with HessianProducts.create(ckpt.model, ckpt.loss_fn, batches, max_memory=options.max_memory,
@@ -113,7 +123,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - start,
     }
-    return AnalysisRecord(label or default_label(path), attrs, pseudo, step, spec)
+    return AnalysisRecord(label or default_label(path), attrs, pseudo, step, inter, after, spec)
 
 
 def default_label(path: str | Path) -> str:

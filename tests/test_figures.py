@@ -10,6 +10,7 @@ from matplotlib.colors import SymLogNorm
 from curvscope.analysis import AnalysisOptions, analyse_checkpoint
 from curvscope.errors import CurvscopeError
 from curvscope.figures.heatmaps import blocks, heatmap_figure
+from curvscope.figures.interactions import distance_figure, outlined_heatmap_figure, steps_figure
 from curvscope.figures.render import render
 from curvscope.figures.spectra import blocks_figure, density_figure
 from curvscope.measures.density import gaussian_density
@@ -34,6 +35,17 @@ def test_density_redrawn_from_stored_quadrature_keeps_unit_mass(stored) -> None:
     fig = blocks_figure(ck)
     assert [ax.get_title() for ax in fig.axes][:2] == ["top eigenvalues of each layer block",
                                                        "top eigenvalues of each tensor block"]
+
+
+def test_interaction_figures(stored) -> None:
+    _, ck = stored
+    fig = outlined_heatmap_figure(ck, grey_insignificant=True)
+    heat = [ax for ax in fig.axes if ax.get_title()]
+    assert len(heat) == 2 and len(heat[0].patches) == 2  # the two layers of the tiny MLP, outlined
+    fig = distance_figure(ck)
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [2, 2]  # distances 0 and 1
+    fig = steps_figure(ck)
+    assert len(fig.axes[1].patches) == 12  # predicted and actual for six steps
 
 
 def test_blocks_cut_weight_weight_bias_bias_weight_bias() -> None:
@@ -77,7 +89,8 @@ def test_panels_are_symmetric_around_zero(stored) -> None:
 def test_render_writes_pdf_and_png_per_scale(stored, tmp_path: Path) -> None:
     out, _ = stored
     files = render(out, tmp_path / "figs", ["linear", "normalized"])
-    names = [f"heatmaps-{s}" for s in ("linear", "normalized")] + ["spectrum-density", "spectrum-blocks"]
+    names = [f"heatmaps-{s}" for s in ("linear", "normalized")] + ["spectrum-density", "spectrum-blocks"] + \
+        [f"interactions-{n}" for n in ("distance", "steps", "blocks")]
     assert sorted(p.name for p in files) == sorted(f"tiny_ep03-{n}.{f}" for n in names for f in ("pdf", "png"))
     assert all(p.stat().st_size > 1000 for p in files)
     with pytest.raises(CurvscopeError, match="no checkpoint labelled nope"):

@@ -1,6 +1,7 @@
 """The HDF5 results file: schema v1 layout, round trip, refusal of foreign files, atomic writes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -23,6 +24,11 @@ SPECTRUM = ["top/values", "top/residuals", "top/converged", "bottom/values", "bo
             "density/grid", "density/density", "density/nodes", "density/weights", "trace", "trace_stderr",
             "normalized_pseudo_hessian_eigenvalues", "blocks/net.1.weight/top/values", "blocks/net.1.weight/trace",
             "blocks/net.1.weight/trace_stderr", "blocks/net.1/top/converged", "blocks/net.1/names"]
+
+INTERACTIONS = ["hessian/normalized", "hessian/off_block_ratio", "hessian/distance_mean", "hessian/distance_max",
+                "hessian/distance_count", "inverse/normalized", "inverse/off_block_ratio", "steps/name", "steps/kind",
+                "steps/grouping", "steps/learning_rates", "steps/predicted_decrease", "steps/actual_decrease",
+                "steps/efficiency", "significant", "significant_count"]
 
 
 def digest(path: Path) -> str:
@@ -55,6 +61,11 @@ def test_layout_of_schema_v1(tmp_path: Path, record) -> None:
                                                                "net.3.bias", "net.1", "net.3"]
         assert grp["spectrum/blocks/net.1"].attrs["kind"] == "layer"
         assert grp["spectrum/blocks/net.1/trace"].attrs["method"] == "sum of tensor blocks"
+        for name in INTERACTIONS:
+            assert f"interactions/{name}" in grp, name
+        assert grp["interactions/hessian/off_block_ratio"].shape == (2, 4)
+        assert grp["interactions/steps/learning_rates"].shape == (6, S)
+        assert list(grp["interactions"].attrs["groupings"]) == ["tensor", "layer"]
 
 
 def test_round_trip(tmp_path: Path, record) -> None:
@@ -70,7 +81,7 @@ def test_round_trip(tmp_path: Path, record) -> None:
 
 def test_several_checkpoints_and_replacement(tmp_path: Path, record) -> None:
     out = tmp_path / "r.h5"
-    other = type(record)("other", record.attrs, record.pseudo, record.step)
+    other = dataclasses.replace(record, label="other")
     write_records(out, [record])
     write_records(out, [other])
     assert stored_labels(out) == ["other", "tiny_ep03"]

@@ -200,13 +200,62 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
 @click.option("--label", "labels", multiple=True, help="Only these checkpoints (repeatable).")
 @click.option("--density-width", type=click.FloatRange(min=0, min_open=True),
               help="Redraw the SLQ density with σ = this fraction of the spectrum's span [default: as stored].")
+@click.option("--grey-insignificant", is_flag=True,
+              help="Grey out off-diagonal entries of H̄ within 2 standard errors of zero (outlined heatmaps).")
 def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...],
-                   density_width: float | None) -> None:
+                   density_width: float | None, grey_insignificant: bool) -> None:
     """Draw the figures of RESULTS (an HDF5 results file) from the stored data alone."""
     from curvscope.figures.render import render
 
-    for path in render(results, out_dir, scales, labels or None, density_width):
+    for path in render(results, out_dir, scales, labels or None, density_width, grey_insignificant):
         click.echo(str(path))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--approximation", "approximations", type=click.Choice(["layer", "tensor"]), multiple=True,
+              default=["layer"], show_default=True, help="Block structure to audit; repeat for both.")
+@click.option("--of", "of", type=click.Choice(["hessian", "inverse", "both"]), default="both", show_default=True,
+              help="Approximate H̄ block-diagonally, or H̄⁻¹, or audit both.")
+@click.option("--tolerance", type=click.FloatRange(min=0, max=1), default=0.1, show_default=True,
+              help="Valid when efficiency ≥ 1 − tolerance (or, if undefined, off-block ratio ≤ tolerance).")
+@click.option("--json", "as_json", is_flag=True, help="Print every number as JSON (format curvscope-audit v1).")
+@click.option("--samples", type=int, help="For checkpoint inputs: analyse the first N samples [default: all].")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="For checkpoint inputs.")
+@click.option("--device", default="cpu", show_default=True, help="For checkpoint inputs.")
+def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, tolerance: float, as_json: bool,
+          samples: int | None, batch_size: int, device: str) -> None:
+    """Is a block-diagonal curvature approximation valid? INPUTS: results files or checkpoints.
+
+    Exit 0 when every audited approximation is valid, 1 when any is not, 2 on bad input.
+    Checkpoints are analysed first (without spectra) into a temporary results file.
+    """
+    import tempfile
+
+    import h5py
+
+    from curvscope.analysis import AnalysisOptions, analyse_checkpoint, default_label
+    from curvscope.audit import audit_checkpoint, audit_report, format_report
+    from curvscope.store.hdf5 import read_results, write_records
+
+    ofs = ["hessian", "inverse"] if of == "both" else [of]
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="curvscope-audit-") as tmp:
+        for path in inputs:
+            if not path.is_file():
+                raise CurvscopeError(f"{str(path)!r} does not exist or is not a file.")
+            if h5py.is_hdf5(path):
+                results = path
+            else:
+                results = Path(tmp) / f"{default_label(path)}.h5"
+                write_records(results, [analyse_checkpoint(path, AnalysisOptions(
+                    samples=samples, batch_size=batch_size, device=device, spectrum=False))])
+            reports += [audit_checkpoint(ck, path, approximations, ofs, tolerance) for ck in read_results(results)]
+    if not reports:
+        raise CurvscopeError("the results files hold no checkpoints to audit.")
+    report = audit_report(reports, tolerance)
+    click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_report(report))
+    sys.exit(0 if report["valid"] else 1)
 
 
 @main.command()

@@ -50,7 +50,8 @@ class Objective:
         n = self.n_samples
         return [int(x.shape[0]) / n for x, _ in self.batches]
 
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the model's device (and dtype, when floating point)."""
         ref = next(self.model.parameters())
         return t.to(ref.device, ref.dtype) if t.is_floating_point() else t.to(ref.device)
 
@@ -58,7 +59,7 @@ class Objective:
         """L_b, the mean loss of batch b, differentiable in the parameters; refuses NaN or Inf."""
         x, y = self.batches[b]
         try:
-            value = self.loss_fn(self.model(self._place(x)), self._place(y))
+            value = self.loss_fn(self.model(self.place(x)), self.place(y))
         except (RuntimeError, ValueError, IndexError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CurvscopeError(f"the model and loss cannot be evaluated on batch {b} "

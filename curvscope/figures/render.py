@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 
 from curvscope.errors import CurvscopeError
 from curvscope.figures.heatmaps import SCALES, heatmap_figure
+from curvscope.figures.interactions import (distance_figure, has_interactions, outlined_heatmap_figure,
+                                            steps_figure)
 from curvscope.figures.output import save_figure
 from curvscope.figures.spectra import blocks_figure, density_figure, has_spectrum
 from curvscope.store.hdf5 import read_results
@@ -19,10 +21,12 @@ def default_figure_dir(results: Path) -> Path:
 
 
 def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
-           labels: Sequence[str] | None = None, density_width: float | None = None) -> list[Path]:
+           labels: Sequence[str] | None = None, density_width: float | None = None,
+           grey_insignificant: bool = False) -> list[Path]:
     """Draw the figures of every (or each named) checkpoint of `results` as PDF and PNG in `out_dir`.
 
-    ``<label>-heatmaps-<scale>`` per scale; with spectra, ``<label>-spectrum-density``
+    ``<label>-heatmaps-<scale>`` per scale; ``<label>-interactions-{distance,steps,blocks}``
+    (the last with entries within 2 standard errors greyed when `grey_insignificant`); with spectra, ``<label>-spectrum-density``
     (redrawn with σ = `density_width` x span when given) and ``<label>-spectrum-blocks``.
     """
     for scale in scales:
@@ -44,6 +48,13 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
                   f"sha256 {ck.attrs.get('sha256')})")
         figures = [(f"heatmaps-{scale}", lambda s=scale: heatmap_figure(ck, s),
                     f"heatmaps of the pseudo-Hessian and its inverse, {scale} scale") for scale in scales]
+        if has_interactions(ck):
+            figures += [("interactions-distance", lambda: distance_figure(ck),
+                         "interaction between layers against their distance"),
+                        ("interactions-steps", lambda: steps_figure(ck),
+                         "step efficiency and predicted against actual loss decrease"),
+                        ("interactions-blocks", lambda: outlined_heatmap_figure(ck, grey_insignificant),
+                         "normalised pseudo-Hessian and inverse with the layer blocks outlined")]
         if has_spectrum(ck):
             figures += [("spectrum-density", lambda: density_figure(ck, density_width),
                          "SLQ density of the Hessian eigenvalues"),

@@ -19,6 +19,7 @@ import numpy as np
 from curvscope import __version__
 from curvscope.analysis import AnalysisRecord
 from curvscope.errors import CurvscopeError
+from curvscope.measures.interactions import GROUPINGS, PARTS, SIGNIFICANCE, Interactions
 from curvscope.measures.normalized import normalized
 from curvscope.results import EigenResult, SpectrumResult, TraceResult
 
@@ -103,8 +104,31 @@ def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
     grp.create_dataset("pseudo_hessian_eigenvalues", data=s.eigenvalues.astype(np.float64))
     grp.create_dataset("learning_rates", data=s.learning_rates.astype(np.float64))
     grp.create_dataset("predicted_decrease", data=np.float64(s.predicted_decrease))
+    _write_interactions(grp.create_group("interactions"), rec.interactions, p.loss - rec.loss_after)
     if rec.spectrum is not None:
         _write_spectrum(grp.create_group("spectrum"), rec.spectrum, p.pseudo_hessian)
+
+
+def _write_interactions(grp: h5py.Group, inter: Interactions, actual: np.ndarray) -> None:
+    grp.attrs.update({"positive_definite": inter.positive_definite,
+                      "efficiency": "defined" if inter.positive_definite else "undefined: H̄ indefinite",
+                      "significance_threshold": SIGNIFICANCE})
+    grp.attrs.create("groupings", data=list(GROUPINGS), dtype=STR)
+    grp.attrs.create("parts", data=list(PARTS), dtype=STR)
+    for m in inter.matrices:
+        mg = grp.create_group(m.matrix)
+        for key in ("normalized", "off_block_ratio", "distance_mean", "distance_max"):
+            mg.create_dataset(key, data=np.asarray(getattr(m, key), dtype=np.float64))
+        mg.create_dataset("distance_count", data=m.distance_count.astype(np.int64))
+    st = grp.create_group("steps")
+    for key in ("name", "kind", "grouping"):
+        st.create_dataset(key, data=np.asarray([getattr(s, key) for s in inter.steps], dtype=object), dtype=STR)
+    st.create_dataset("learning_rates", data=np.stack([s.learning_rates for s in inter.steps]).astype(np.float64))
+    st.create_dataset("predicted_decrease", data=np.array([s.predicted for s in inter.steps], dtype=np.float64))
+    st.create_dataset("actual_decrease", data=np.asarray(actual, dtype=np.float64))
+    st.create_dataset("efficiency", data=np.array([s.efficiency for s in inter.steps], dtype=np.float64))
+    grp.create_dataset("significant", data=inter.significant.astype(bool))
+    grp.create_dataset("significant_count", data=np.int64(inter.significant_count))
 
 
 def _write_eigen(grp: h5py.Group, e: EigenResult) -> None:

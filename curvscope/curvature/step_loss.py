@@ -1,0 +1,44 @@
+"""The actual loss after a per-group step, to check the quadratic model q(η) against reality."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from curvscope.curvature.objective import Batch, Objective
+from curvscope.curvature.partition import Partition, make_partition, trainable
+from curvscope.curvature.pseudo_hessian import full_gradient
+from curvscope.sources.losses import LossFn
+
+
+def loss_after_steps(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], partition: str | Partition,
+                     learning_rates: Sequence[np.ndarray], *, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+    """L(θ) and L(θ − Σ_s η_s U_s) for each η in `learning_rates`, with u = g = ∇L(θ) (eval mode).
+
+    The model is copied; the caller's weights are never changed. A step whose
+    loss is not finite gives inf (the quadratic model failed badly there).
+    """
+    model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    obj = Objective.create(model, loss_fn, batches)
+    part = partition if isinstance(partition, Partition) else make_partition(model, partition)
+    params = [p for _, p in trainable(model)]
+    u, loss0 = full_gradient(obj, params)
+    start = [p.detach().clone() for p in params]
+    out = []
+    for eta in learning_rates:
+        eta_t = torch.as_tensor(np.asarray(eta, dtype=np.float64), device=params[0].device)
+        with torch.no_grad():
+            for p, p0, g, a in zip(params, start, u, part.assignment):
+                rate = eta_t[a] if isinstance(a, int) else eta_t[a.to(eta_t.device)]
+                p.copy_((p0.to(torch.float64) - rate * g).to(p.dtype))
+            total = 0.0
+            for b, w in enumerate(obj.weights):
+                x, y = obj.batches[b]
+                value = float(obj.loss_fn(obj.model(obj.place(x)), obj.place(y)))
+                total += w * value
+        out.append(total if np.isfinite(total) else np.inf)
+    return loss0, np.asarray(out)

@@ -1,0 +1,104 @@
+"""`curvscope audit`: verdicts, exit codes and the JSON structure, on models with known answers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from curvscope import newton_step, pseudo_hessian
+from curvscope.analysis import AnalysisRecord
+from curvscope.cli.main import main
+from curvscope.curvature.step_loss import loss_after_steps
+from curvscope.measures.interactions import interactions
+from curvscope.store.hdf5 import write_records
+
+APPROXIMATION_KEYS = {"approximation", "of", "off_block_ratio", "efficiency", "predicted_decrease",
+                      "actual_decrease", "rule", "valid"}
+
+
+class Branches(nn.Module):
+    """Two independent linear layers, each fitting its own target: H is block-diagonal by layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+        self.b = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def results_file(tmp_path: Path, model: nn.Module, label: str = "branches") -> Path:
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3, dtype=torch.float64) + 2, torch.randn(30, 2, dtype=torch.float64)  # E[x] ≠ 0: w-b coupled
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    loss_fn = torch.nn.functional.mse_loss
+    res = pseudo_hessian(model, loss_fn, batches)
+    step = newton_step(res.pseudo_hessian, res.pseudo_gradient)
+    inter = interactions(res.pseudo_gradient, res.pseudo_hessian, res.pseudo_hessian_stderr, step.inverse,
+                         res.kinds, res.layers, step.positive_definite)
+    _, after = loss_after_steps(model, loss_fn, batches, "canonical", [s.learning_rates for s in inter.steps])
+    out = tmp_path / f"{label}.h5"
+    write_records(out, [AnalysisRecord(label, {"source": "test", "epoch": -1}, res, step, inter, after)])
+    return out
+
+
+def audit(*args: object):
+    return CliRunner().invoke(main, ["audit", *[str(a) for a in args]])
+
+
+def test_layer_approximation_valid_when_layers_do_not_interact(tmp_path: Path) -> None:
+    out = results_file(tmp_path, Branches().double())
+    res = audit(out, "--approximation", "layer")
+    assert res.exit_code == 0, res.output
+    assert "valid (efficiency >= 0.9)" in res.output and "all valid" in res.output
+    doc = json.loads(audit(out, "--approximation", "layer", "--json").output)
+    for row in doc["checkpoints"][0]["approximations"]:
+        assert row["efficiency"] == pytest.approx(1.0, abs=1e-12)
+        assert row["off_block_ratio"]["all"] == pytest.approx(0.0, abs=1e-12)
+    # tensor blocks ignore the weight-bias coupling inside each layer: not valid
+    res = audit(out, "--approximation", "tensor", "--of", "hessian")
+    assert res.exit_code == 1 and "NOT VALID" in res.output
+
+
+def test_json_structure_is_stable(tmp_path: Path) -> None:
+    out = results_file(tmp_path, Branches().double())
+    res = audit(out, "--approximation", "layer", "--approximation", "tensor", "--json", "--tolerance", "0.2")
+    doc = json.loads(res.output)
+    assert set(doc) == {"format", "version", "tolerance", "valid", "checkpoints"}
+    assert doc["format"] == "curvscope-audit" and doc["version"] == 1 and doc["tolerance"] == 0.2
+    (ck,) = doc["checkpoints"]
+    assert set(ck) == {"label", "results", "source", "positive_definite", "efficiency", "significant_pairs", "pairs",
+                       "newton", "cauchy", "approximations", "valid"}
+    assert set(ck["newton"]) == {"predicted_decrease", "actual_decrease"}
+    assert set(ck["cauchy"]) == {"predicted_decrease", "actual_decrease", "efficiency"}
+    assert [(r["approximation"], r["of"]) for r in ck["approximations"]] == [
+        ("layer", "hessian"), ("layer", "inverse"), ("tensor", "hessian"), ("tensor", "inverse")]
+    for row in ck["approximations"]:
+        assert set(row) == APPROXIMATION_KEYS
+        assert set(row["off_block_ratio"]) == {"all", "weight-weight", "bias-bias", "weight-bias"}
+    assert ck["pairs"] == 6 and ck["significant_pairs"] >= 0
+    assert doc["valid"] is False and res.exit_code == 1
+
+
+def test_indefinite_uses_the_off_block_ratio_rule(tmp_path: Path, tiny_bundle: Path) -> None:
+    res = audit(tiny_bundle, "--json")  # a checkpoint is analysed first
+    doc = json.loads(res.output)
+    ck = doc["checkpoints"][0]
+    assert ck["positive_definite"] is False and ck["efficiency"] == "undefined: H̄ indefinite"
+    assert all(r["efficiency"] is None and r["rule"].startswith("off-block ratio") for r in ck["approximations"])
+    assert res.exit_code == 1
+
+
+def test_bad_input_exits_2(tmp_path: Path) -> None:
+    res = audit(tmp_path / "none.h5")
+    assert res.exit_code == 2 and "does not exist" in res.output
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    res = audit(tmp_path / "junk.pt")
+    assert res.exit_code == 2 and "not a" in res.output
+    res = audit(tmp_path / "junk.pt", "--tolerance", "2")
+    assert res.exit_code == 2
