@@ -47,6 +47,7 @@ class AnalysisOptions:
     data: str | None = None
     data_kwargs: dict | None = None
     loss: str | None = None
+    trust_checkpoint: bool = False
     spectrum: bool = True
     top_k: int = 5
     lanczos_steps: int = DEFAULT_STEPS
@@ -91,7 +92,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     data_spec = ({"name": options.data, "kwargs": dict(options.data_kwargs or {})}
                  if options.data is not None else None)
     ckpt: Checkpoint = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs,
-                                       loss=options.loss, data=data_spec)
+                                       loss=options.loss, data=data_spec, trust=options.trust_checkpoint)
     if not ckpt.data.get("name"):
         raise CurvscopeError(f"{str(path)!r} does not record its data set: name one with --data.")
     torch.manual_seed(options.seed)

@@ -96,3 +96,46 @@ def test_non_finite_weights(tmp_path: Path) -> None:
     torch.save(raw, path)
     with pytest.raises(CurvscopeError, match="NaN or infinite values in net.1.bias"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model_state_dict", "model", "module-prefix", "model-prefix"])
+def test_common_wrappers_and_prefixes(tmp_path: Path, wrap: str) -> None:
+    net = build_model("mlp", TINY_MODEL)
+    state = net.state_dict()
+    obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 7},
+           "model_state_dict": {"model_state_dict": state, "optimizer": {}, "epoch": 7}, "model": {"model": state},
+           "module-prefix": {f"module.{k}": v for k, v in state.items()},
+           "model-prefix": {"state_dict": {f"model.{k}": v for k, v in state.items()}}}[wrap]
+    torch.save(obj, tmp_path / "w.pt")
+    ck = load_checkpoint(tmp_path / "w.pt", model="mlp", model_kwargs=TINY_MODEL)
+    for name, value in ck.model.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+    assert ck.epoch == (7 if wrap in ("state_dict", "model_state_dict") else -1)
+
+
+def test_plugin_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def tiny(width=3):\n    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))\n"
+        "def broken():\n    raise RuntimeError('no GPU here')\n"
+        "def not_a_model():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = build_model("my_models:tiny", {"width": 4})
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    ck = load_checkpoint(tmp_path / "sd.pt", model="my_models:tiny", model_kwargs={"width": 4})
+    assert ck.model_name == "my_models:tiny"
+    for spec, message in (("my_models:broken", "raised RuntimeError: no GPU here"),
+                          ("my_models:not_a_model", "returned a int"), ("my_models:nope", "cannot import"),
+                          ("no_such_package.x:f", "cannot import")):
+        with pytest.raises(CurvscopeError, match=message):
+            build_model(spec, {})
+
+
+def test_pickled_module_only_with_trust(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    net = build_model("mlp", TINY_MODEL)
+    torch.save(net, path)
+    with pytest.raises(CurvscopeError, match="--trust-checkpoint"):
+        load_checkpoint(path)
+    ck = load_checkpoint(path, trust=True, loss="nll")
+    assert ck.model_name == "MLP" and isinstance(ck.model, torch.nn.Module) and ck.loss == "nll"

@@ -111,7 +111,9 @@ def main(debug: bool) -> None:
               help="Compute dtype (accumulation is always float64).")
 @click.option("--strategy", type=click.Choice(["auto", "triangular", "batched"]), default="auto",
               show_default=True, help="How the Hessian-vector products of a batch are organised.")
-@click.option("--model", help="Zoo model name, for checkpoints that do not record one.")
+@click.option("--model", help="Zoo model name or package.module:factory, for checkpoints that do not record one.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow unpickling a whole nn.Module, which runs code from the file: only for files you trust.")
 @click.option("--model-kwargs", help="JSON keyword arguments of --model.")
 @click.option("--data", help="Data set name, overriding the checkpoint's.")
 @click.option("--data-kwargs", help="JSON keyword arguments of --data.")
@@ -139,7 +141,7 @@ def main(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
             batch_size: int, split: str, seed: int, device: str, dtype: str, strategy: str, model: str | None,
-            model_kwargs: str | None, data: str | None, data_kwargs: str | None, loss: str | None,
+            trust_checkpoint: bool, model_kwargs: str | None, data: str | None, data_kwargs: str | None, loss: str | None,
             spectrum: bool, top_k: int, lanczos_steps: int, lanczos_tol: float, slq_runs: int,
             trace_matvecs: int, max_memory: str, scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
             quiet: bool) -> None:
@@ -163,6 +165,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
                               device=device, dtype=dtype, strategy=strategy, model=model,
                               model_kwargs=_json_option(model_kwargs, "--model-kwargs"), data=data,
                               data_kwargs=_json_option(data_kwargs, "--data-kwargs"), loss=loss,
+                              trust_checkpoint=trust_checkpoint,
                               spectrum=spectrum, top_k=top_k, lanczos_steps=lanczos_steps, lanczos_tol=lanczos_tol,
                               slq_runs=slq_runs, trace_matvecs=trace_matvecs, max_memory=parse_memory(max_memory))
     done = set(stored_labels(output))

@@ -75,7 +75,7 @@ def _is_pickle(path: Path) -> bool:
     return zipfile.is_zipfile(path) or head == b"\x80"
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, trust: bool = False) -> Any:
     if not path.exists():
         raise CurvscopeError(f"checkpoint {str(path)!r} does not exist.")
     if not path.is_file():
@@ -87,11 +87,18 @@ def _read(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if _is_pickle(path) and trust:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as inner:  # noqa: BLE001 - the user's pickle may fail in any way
+                raise CurvscopeError(f"{str(path)!r} could not be unpickled even with --trust-checkpoint: "
+                                     f"{type(inner).__name__}: {inner}.") from None
         if _is_pickle(path):
             raise CurvscopeError(
                 f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
-                "loaded by running code from the file, which curvscope refuses to do. Save the "
-                "model's state_dict (or a curvscope bundle) instead."
+                "loaded by running code from the file, which curvscope refuses to do unless you trust "
+                "the file: pass --trust-checkpoint if you made it yourself, or better, save the "
+                "model's state_dict (or a curvscope bundle) and name the model with --model."
             ) from None
         raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails on damaged files in many ways (KeyError, ...)
@@ -101,8 +108,38 @@ def _read(path: Path) -> Any:
         ) from None
 
 
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+PREFIXES = ("module.", "model.")
+
+
+def _unwrap(obj: Any) -> tuple[dict | None, int]:
+    """The state_dict in a plain or wrapped checkpoint ({"state_dict": ...}, ...) and its epoch (-1)."""
+    def is_state(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if is_state(obj):
+        return obj, -1
+    if isinstance(obj, dict):
+        epoch = obj.get("epoch", -1)
+        for key in WRAPPER_KEYS:
+            if is_state(obj.get(key)):
+                return obj[key], int(epoch) if isinstance(epoch, int) else -1
+    return None, -1
+
+
+def _strip_prefixes(state: dict, own: dict) -> dict:
+    """Drop a "module." (DataParallel) or "model." prefix shared by every key when the model's keys lack it."""
+    while not set(state) <= set(own):
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
     own = model.state_dict()
+    state_dict = _strip_prefixes(state_dict, own)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -123,14 +160,23 @@ def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs: dict | None = None,
-                    loss: str | None = None, data: dict | None = None) -> Checkpoint:
+                    loss: str | None = None, data: dict | None = None, trust: bool = False) -> Checkpoint:
     """Rebuild model, loss and data spec from a checkpoint without running code from it.
 
-    Arguments given here override what the bundle records; a plain state_dict
-    needs at least `model`.
+    Reads a curvscope bundle, a plain state_dict, or a wrapped one
+    ({"state_dict" | "model_state_dict" | "model": state_dict, "epoch": ...},
+    keys possibly prefixed "module." or "model."). Arguments given here override
+    what the bundle records; a state_dict needs at least `model` (a zoo name or
+    "package.module:factory"). A whole pickled nn.Module is loaded only with
+    `trust=True`, as unpickling it runs code from the file.
     """
     path = Path(path)
-    obj = _read(path)
+    obj = _read(path, trust)
+    if isinstance(obj, nn.Module):
+        name = model or type(obj).__name__
+        return Checkpoint(model=obj.eval(), loss_fn=build_loss(
+            loss or "cross_entropy"), loss=loss or "cross_entropy", model_name=name, model_kwargs={},
+            data=dict(data or {}), source=str(path), sha256=file_sha256(path))
     if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
         if obj.get("version") != BUNDLE_VERSION:
             raise CurvscopeError(f"{str(path)!r} is a curvscope bundle of version {obj.get('version')}; "
@@ -140,15 +186,18 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs:
         state, loss_name = obj["state_dict"], loss or obj["loss"]
         data_spec = data if data is not None else dict(obj.get("data", {}))
         epoch, training = int(obj.get("epoch", -1)), dict(obj.get("training", {}))
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif _unwrap(obj)[0] is not None:
         if model is None:
             raise CurvscopeError(f"{str(path)!r} is a plain state_dict, which does not say which "
-                                 "network it belongs to: name it with --model.")
-        name, kwargs, state = model, dict(model_kwargs or {}), obj
-        loss_name, data_spec, epoch, training = loss or "cross_entropy", dict(data or {}), -1, {}
+                                 "network it belongs to: name it with --model (a zoo name or "
+                                 "package.module:factory).")
+        state, epoch = _unwrap(obj)
+        name, kwargs = model, dict(model_kwargs or {})
+        loss_name, data_spec, training = loss or "cross_entropy", dict(data or {}), {}
     else:
         raise CurvscopeError(f"{str(path)!r} is not a curvscope checkpoint bundle or a state_dict "
-                             f"(it holds a {type(obj).__name__}).")
+                             f"(it holds a {type(obj).__name__}"
+                             f"{' with keys ' + ', '.join(map(str, list(obj)[:8])) if isinstance(obj, dict) else ''}).")
     net = build_model(name, kwargs)
     _load_weights(net, state, path)
     return Checkpoint(model=net.eval(), loss_fn=build_loss(loss_name), loss=loss_name,

@@ -7,6 +7,8 @@ outputs gives the same value).
 """
 from __future__ import annotations
 
+import importlib
+
 import math
 from typing import Callable
 
@@ -127,8 +129,27 @@ class MLP(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "vgg11": VGG11, "mlp": MLP}
 
 
+def call_plugin(spec: str, kwargs: dict | None, what: str) -> object:
+    """Import "package.module:function" and call it with `kwargs`; any failure is a CurvscopeError."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise CurvscopeError(f"cannot import the {what} plug-in {spec!r}: {type(exc).__name__}: {exc}. "
+                             f"Check the name and that its package is importable (on PYTHONPATH).") from None
+    try:
+        return fn(**(kwargs or {}))
+    except Exception as exc:  # noqa: BLE001 - the user's code may fail in any way
+        raise CurvscopeError(f"the {what} plug-in {spec!r} raised {type(exc).__name__}: {exc}.") from None
+
+
 def build_model(name: str, kwargs: dict | None = None) -> nn.Module:
-    """Instantiate zoo model `name` with keyword arguments `kwargs`."""
+    """Instantiate zoo model `name`, or call the factory "package.module:function", with `kwargs`."""
+    if ":" in name:
+        model = call_plugin(name, kwargs, "model")
+        if not isinstance(model, nn.Module):
+            raise CurvscopeError(f"the model factory {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+        return model
     if name not in MODELS:
         raise CurvscopeError(
             f"unknown model {name!r}: the zoo has {', '.join(sorted(MODELS))}."
