@@ -96,7 +96,10 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     if not ckpt.data.get("name"):
         raise CurvscopeError(f"{str(path)!r} does not record its data set: name one with --data.")
     torch.manual_seed(options.seed)
-    data = build_dataset(ckpt.data["name"], options.split, ckpt.data.get("kwargs"))
+    data_kwargs = dict(ckpt.data.get("kwargs") or {})
+    if options.data is None and options.data_kwargs:  # e.g. --data-root for the recorded data set
+        data_kwargs.update(options.data_kwargs)
+    data = build_dataset(ckpt.data["name"], options.split, data_kwargs)
     batches = analysis_batches(data, options.samples, options.batch_size)
     pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
                             dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)

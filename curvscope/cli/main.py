@@ -79,6 +79,13 @@ def spectrum_summary(spec: "SpectrumResult") -> str:
             f"{spec.trace.stderr:.2g}; {spec.products} Hessian-vector products ({spec.mode}) in {spec.elapsed_s:.1f} s")
 
 
+def _data_kwargs(text: str | None, root: str | None) -> dict | None:
+    kwargs = _json_option(text, "--data-kwargs")
+    if root is not None:
+        kwargs = {**(kwargs or {}), "root": root}
+    return kwargs
+
+
 def _default_output(labels: Sequence[str]) -> Path:
     prefix = os.path.commonprefix(list(labels)).rstrip("_-.") if len(labels) > 1 else labels[0]
     return Path("reports") / f"{prefix or 'results'}.h5"
@@ -115,9 +122,12 @@ def main(debug: bool) -> None:
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole nn.Module, which runs code from the file: only for files you trust.")
 @click.option("--model-kwargs", help="JSON keyword arguments of --model.")
-@click.option("--data", help="Data set name, overriding the checkpoint's.")
+@click.option("--data", help="Data set (digits, synthetic, cifar10, mnist, npz, or package.module:function), "
+                             "overriding the checkpoint's.")
+@click.option("--data-root", help="Folder (cifar10, mnist) or file (npz) the data set is read from.")
 @click.option("--data-kwargs", help="JSON keyword arguments of --data.")
-@click.option("--loss", type=click.Choice(["cross_entropy", "nll", "mse"]), help="Loss, overriding the checkpoint's.")
+@click.option("--loss", help="Loss (cross_entropy, nll, mse, or package.module:function returning a loss_fn), "
+                             "overriding the checkpoint's.")
 @click.option("--spectrum/--no-spectrum", default=True, show_default=True,
               help="Hessian eigenvalues (Lanczos), trace (Hutch++) and density (SLQ), whole model and per block.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
@@ -141,7 +151,8 @@ def main(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
             batch_size: int, split: str, seed: int, device: str, dtype: str, strategy: str, model: str | None,
-            trust_checkpoint: bool, model_kwargs: str | None, data: str | None, data_kwargs: str | None, loss: str | None,
+            trust_checkpoint: bool, model_kwargs: str | None, data: str | None, data_root: str | None,
+            data_kwargs: str | None, loss: str | None,
             spectrum: bool, top_k: int, lanczos_steps: int, lanczos_tol: float, slq_runs: int,
             trace_matvecs: int, max_memory: str, scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
             quiet: bool) -> None:
@@ -164,7 +175,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
     options = AnalysisOptions(samples=samples, batch_size=batch_size, partition=partition, split=split, seed=seed,
                               device=device, dtype=dtype, strategy=strategy, model=model,
                               model_kwargs=_json_option(model_kwargs, "--model-kwargs"), data=data,
-                              data_kwargs=_json_option(data_kwargs, "--data-kwargs"), loss=loss,
+                              data_kwargs=_data_kwargs(data_kwargs, data_root), loss=loss,
                               trust_checkpoint=trust_checkpoint,
                               spectrum=spectrum, top_k=top_k, lanczos_steps=lanczos_steps, lanczos_tol=lanczos_tol,
                               slq_runs=slq_runs, trace_matvecs=trace_matvecs, max_memory=parse_memory(max_memory))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from curvscope.errors import CurvscopeError
+from curvscope.sources import files
+from curvscope.sources.plugins import call_plugin
 
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
@@ -66,11 +68,39 @@ def synthetic(split: str = "train", shape: Sequence[int] = (3, 32, 32), num_clas
     return Dataset(x, y)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"digits": digits, "synthetic": synthetic}
+def _from_files(reader: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Dataset]:
+    def load(split: str = "train", root: str | None = None) -> Dataset:
+        _check_split(split)
+        return Dataset(*reader(split, root))
+    load.__doc__ = reader.__doc__
+    return load
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {"digits": digits, "synthetic": synthetic,
+                                               "cifar10": _from_files(files.cifar10),
+                                               "mnist": _from_files(files.mnist), "npz": _from_files(files.npz)}
+
+
+def _plugin_dataset(spec: str, split: str, kwargs: dict | None) -> Dataset:
+    """A Dataset from "package.module:function" (called with split=... and `kwargs`), which may return a
+    Dataset, a DataLoader or any iterable of (inputs, targets) batches."""
+    obj = call_plugin(spec, {"split": split, **(kwargs or {})}, "data")
+    if isinstance(obj, Dataset):
+        return obj
+    try:
+        pairs = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in obj]
+    except Exception as exc:  # noqa: BLE001 - whatever the plug-in returned
+        raise CurvscopeError(f"the data plug-in {spec!r} returned a {type(obj).__name__}, not a Dataset, a "
+                             f"DataLoader or an iterable of (inputs, targets): {type(exc).__name__}: {exc}.") from None
+    if not pairs:
+        raise CurvscopeError(f"the data plug-in {spec!r} returned no batches.")
+    return Dataset(torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs]))
 
 
 def build_dataset(name: str, split: str = "train", kwargs: dict | None = None) -> Dataset:
-    """Load data set `name` (a key of DATASETS) for `split`."""
+    """Load data set `name` (a key of DATASETS, or "package.module:function") for `split`."""
+    if ":" in name:
+        return _plugin_dataset(name, split, kwargs)
     if name not in DATASETS:
         raise CurvscopeError(f"unknown data set {name!r}: choose one of {', '.join(sorted(DATASETS))}.")
     try:

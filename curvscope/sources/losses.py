@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from curvscope.errors import CurvscopeError
+from curvscope.sources.plugins import call_plugin
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,7 +27,13 @@ LOSSES: dict[str, LossFn] = {
 
 
 def build_loss(name: str) -> LossFn:
-    """The batch-mean loss called `name`."""
+    """The batch-mean loss called `name`, or the one "package.module:function" returns when called."""
+    if ":" in name:
+        loss = call_plugin(name, {}, "loss")
+        if not callable(loss):
+            raise CurvscopeError(f"the loss plug-in {name!r} returned a {type(loss).__name__}, not a callable "
+                                 f"loss_fn(outputs, targets).")
+        return loss
     if name not in LOSSES:
         raise CurvscopeError(f"unknown loss {name!r}: choose one of {', '.join(sorted(LOSSES))}.")
     return LOSSES[name]

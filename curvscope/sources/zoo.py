@@ -7,7 +7,6 @@ outputs gives the same value).
 """
 from __future__ import annotations
 
-import importlib
 
 import math
 from typing import Callable
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from curvscope.errors import CurvscopeError
+from curvscope.sources.plugins import call_plugin
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
@@ -128,19 +128,6 @@ class MLP(nn.Module):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"lenet5": LeNet5, "vgg11": VGG11, "mlp": MLP}
 
-
-def call_plugin(spec: str, kwargs: dict | None, what: str) -> object:
-    """Import "package.module:function" and call it with `kwargs`; any failure is a CurvscopeError."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise CurvscopeError(f"cannot import the {what} plug-in {spec!r}: {type(exc).__name__}: {exc}. "
-                             f"Check the name and that its package is importable (on PYTHONPATH).") from None
-    try:
-        return fn(**(kwargs or {}))
-    except Exception as exc:  # noqa: BLE001 - the user's code may fail in any way
-        raise CurvscopeError(f"the {what} plug-in {spec!r} raised {type(exc).__name__}: {exc}.") from None
 
 
 def build_model(name: str, kwargs: dict | None = None) -> nn.Module:
