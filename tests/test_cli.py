@@ -76,6 +76,7 @@ def test_several_checkpoints_in_one_file(tmp_path: Path) -> None:
         assert sorted(fh["checkpoints"]) == ["tiny_ep01", "tiny_ep02"]
     assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*-heatmaps-linear.png"))) == 2
     assert len(list((tmp_path / "reports" / "tiny_ep0").glob("*-spectrum-*.pdf"))) == 4
+    assert (tmp_path / "reports" / "tiny_ep0" / "trajectory-heatmaps-linear.pdf").is_file()
 
 
 @pytest.fixture

@@ -48,6 +48,20 @@ def test_interaction_figures(stored) -> None:
     assert len(fig.axes[1].patches) == 12  # predicted and actual for six steps
 
 
+def test_trajectory_with_shared_scale(stored, tmp_path: Path, tiny_bundle: Path) -> None:
+    _, ck = stored
+    import dataclasses
+    later = dataclasses.replace(ck, label="later", data={**ck.data, "pseudo_hessian": 3 * ck["pseudo_hessian"]})
+    fig = heatmap_figure([ck, later], "linear", shared_scale=True)
+    heat = [ax for ax in fig.axes if ax.get_title()]
+    assert len(heat) == 12
+    ww_first, ww_later = heat[0].collections[0].norm, heat[3].collections[0].norm
+    assert ww_first.vmax == ww_later.vmax == pytest.approx(np.max(np.abs(later["pseudo_hessian"][::2, ::2])))
+    own = heatmap_figure([ck, later], "linear", shared_scale=False)
+    heat = [ax for ax in own.axes if ax.get_title()]
+    assert heat[3].collections[0].norm.vmax == pytest.approx(3 * heat[0].collections[0].norm.vmax)
+
+
 def test_blocks_cut_weight_weight_bias_bias_weight_bias() -> None:
     m = np.arange(16.0).reshape(4, 4)
     ww, bb, wb = blocks(m, KINDS, LAYERS, NAMES)

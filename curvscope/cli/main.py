@@ -147,6 +147,7 @@ def main(debug: bool) -> None:
 @click.option("--figures", "figure_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Figure folder [default: beside the results file, named after it].")
 @click.option("--no-render", is_flag=True, help="Store results only; draw no figures.")
+@click.option("--shared-scale", is_flag=True, help="Share colour limits across checkpoints in the trajectory figure.")
 @click.option("--overwrite", is_flag=True, help="Recompute checkpoints whose label the results file already holds.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
@@ -154,7 +155,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
             trust_checkpoint: bool, model_kwargs: str | None, data: str | None, data_root: str | None,
             data_kwargs: str | None, loss: str | None,
             spectrum: bool, top_k: int, lanczos_steps: int, lanczos_tol: float, slq_runs: int,
-            trace_matvecs: int, max_memory: str, scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, overwrite: bool,
+            trace_matvecs: int, max_memory: str, scales: tuple[str, ...], figure_dir: Path | None, no_render: bool, shared_scale: bool, overwrite: bool,
             quiet: bool) -> None:
     """Compute H̄, H̄⁻¹ and the Newton step of each CHECKPOINT; store them and draw the heatmaps."""
     from curvscope.analysis import AnalysisOptions, analyse_checkpoint, default_label
@@ -200,7 +201,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
             if record.spectrum is not None:
                 click.echo(f"{label}: {spectrum_summary(record.spectrum)}")
     if not no_render:
-        written = render(output, figure_dir, scales, labels)
+        written = render(output, figure_dir, scales, labels, shared_scale=shared_scale)
         if not quiet:
             click.echo(f"figures: {', '.join(str(p) for p in written)}")
 
@@ -216,12 +217,13 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
               help="Redraw the SLQ density with σ = this fraction of the spectrum's span [default: as stored].")
 @click.option("--grey-insignificant", is_flag=True,
               help="Grey out off-diagonal entries of H̄ within 2 standard errors of zero (outlined heatmaps).")
+@click.option("--shared-scale", is_flag=True, help="Share colour limits across checkpoints in the trajectory figure.")
 def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...],
-                   density_width: float | None, grey_insignificant: bool) -> None:
+                   density_width: float | None, grey_insignificant: bool, shared_scale: bool) -> None:
     """Draw the figures of RESULTS (an HDF5 results file) from the stored data alone."""
     from curvscope.figures.render import render
 
-    for path in render(results, out_dir, scales, labels or None, density_width, grey_insignificant):
+    for path in render(results, out_dir, scales, labels or None, density_width, grey_insignificant, shared_scale):
         click.echo(str(path))
 
 

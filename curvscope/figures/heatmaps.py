@@ -13,6 +13,7 @@ whole matrix before the blocks are cut out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import matplotlib
 
@@ -63,18 +64,19 @@ def blocks(matrix: np.ndarray, kinds: np.ndarray, layers: np.ndarray, names: np.
             Panel("weight–bias", matrix[np.ix_(w, b)], lw, lb)]
 
 
-def _norm(values: np.ndarray, scale: str) -> Normalize:
-    finite = values[np.isfinite(values)]
-    vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
+def _norm(values: np.ndarray, scale: str, vmax: float | None = None) -> Normalize:
+    if vmax is None:
+        finite = values[np.isfinite(values)]
+        vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
     if scale == "symlog":
         return SymLogNorm(linthresh=SYMLOG_LINEAR_FRACTION * vmax, vmin=-vmax, vmax=vmax, base=10)
     return Normalize(vmin=-vmax, vmax=vmax)
 
 
-def _draw(ax: plt.Axes, panel: Panel, scale: str) -> None:
+def _draw(ax: plt.Axes, panel: Panel, scale: str, vmax: float | None = None) -> None:
     many = max(len(panel.rows), len(panel.cols)) > MAX_TICK_LABELS
-    sns.heatmap(np.ma.masked_invalid(panel.values), ax=ax, cmap=CMAP, norm=_norm(panel.values, scale),
+    sns.heatmap(np.ma.masked_invalid(panel.values), ax=ax, cmap=CMAP, norm=_norm(panel.values, scale, vmax),
                 square=True, linewidths=0.0 if many else 0.5, linecolor="white",
                 xticklabels=False if many else panel.cols, yticklabels=False if many else panel.rows,
                 cbar_kws={"shrink": 0.8, "format": "%.2g" if scale == "normalized" else "%.1e"})
@@ -87,28 +89,55 @@ def _draw(ax: plt.Axes, panel: Panel, scale: str) -> None:
         ax.set_xlabel("bias of", fontsize=8)
 
 
-def heatmap_figure(stored: StoredCheckpoint, scale: str = "linear") -> Figure:
-    """The 2 x 3 (or 2 x 1) heatmap figure of H̄ and H̄⁻¹ for one stored checkpoint."""
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+def _rows(stored: StoredCheckpoint, scale: str) -> list[tuple[str, list[Panel]]]:
+    """(name, panels) for H̄ and for H̄⁻¹ (or H̄⁺ when the pseudo-inverse was used)."""
     groups = stored["partition/kind"], stored["partition/layer"], stored["partition/name"]
     inv_attrs = stored.data_attrs.get("pseudo_hessian_inverse", {})
     inverse_name = r"$\bar H^{+}$ (pseudo-inverse)" if inv_attrs.get("method") == "pseudo-inverse" \
         else r"$\bar H^{-1}$"
     matrices = [(r"$\bar H$", stored["pseudo_hessian"]), (inverse_name, stored["pseudo_hessian_inverse"])]
-    rows = [(name, blocks(normalized(m) if scale == "normalized" else m, *groups))
-            for name, m in matrices]
-    ncols = len(rows[0][1])
-    size = max(3.2, 0.42 * max(len(p.rows) for p in rows[0][1]) + 1.6)
-    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols + 0.8, 2 * size), squeeze=False,
-                             layout="constrained")
-    for r, (name, panels) in enumerate(rows):
-        for c, panel in enumerate(panels):
-            _draw(axes[r, c], panel, scale)
-            prefix = "N(" + name + ")" if scale == "normalized" else name
-            axes[r, c].set_title(f"{prefix}: {panel.title}", fontsize=10)
+    return [(name, blocks(normalized(m) if scale == "normalized" else m, *groups)) for name, m in matrices]
+
+
+def _describe(stored: StoredCheckpoint) -> str:
     a = stored.attrs
     epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
-    fig.suptitle(f"{stored.label}: {a.get('model')} on {a.get('dataset')} ({a.get('split')}, "
-                 f"N={a.get('n_samples')}){epoch} — {scale} scale", fontsize=11)
+    return f"{a.get('model')} on {a.get('dataset')} ({a.get('split')}, N={a.get('n_samples')}){epoch}"
+
+
+def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale: str = "linear",
+                   shared_scale: bool = False) -> Figure:
+    """Heatmaps of H̄ (top row) and H̄⁻¹ (bottom row): WW, BB, WB panels per checkpoint, side by side.
+
+    One checkpoint gives the paper's 2 x 3 figure; several give a trajectory
+    like its Figure 1, with one column group per checkpoint. Colour limits are
+    symmetric per panel, or, with `shared_scale`, shared by the same panel of
+    every checkpoint so that epochs can be compared.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    checkpoints = [stored] if isinstance(stored, StoredCheckpoint) else list(stored)
+    rows = [_rows(ck, scale) for ck in checkpoints]
+    if len({len(r[0][1]) for r in rows}) != 1:
+        raise ValueError("the checkpoints have different partitions and cannot share one figure")
+    npanels = len(rows[0][0][1])
+    limits = {(r, c): max(float(np.nanmax(np.abs(rs[r][1][c].values))) for rs in rows)
+              for r in range(2) for c in range(npanels)} if shared_scale else {}
+    size = max(3.2, 0.42 * max(len(p.rows) for p in rows[0][0][1]) + 1.6)
+    ncols = npanels * len(checkpoints)
+    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols + 0.8, 2 * size + 0.3), squeeze=False,
+                             layout="constrained")
+    for k, (ck, ck_rows) in enumerate(zip(checkpoints, rows)):
+        for r, (name, panels) in enumerate(ck_rows):
+            for c, panel in enumerate(panels):
+                ax = axes[r, k * npanels + c]
+                _draw(ax, panel, scale, limits.get((r, c)))
+                prefix = "N(" + name + ")" if scale == "normalized" else name
+                label = f"{ck.label}\n" if len(checkpoints) > 1 and r == 0 else ""
+                ax.set_title(f"{label}{prefix}: {panel.title}", fontsize=10)
+    shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""
+    head = (f"{checkpoints[0].label}: {_describe(checkpoints[0])}" if len(checkpoints) == 1 else
+            " → ".join(ck.label for ck in checkpoints) + f": {checkpoints[0].attrs.get('model')} on "
+            f"{checkpoints[0].attrs.get('dataset')}")
+    fig.suptitle(f"{head} — {scale} scale{shared}", fontsize=11)
     return fig

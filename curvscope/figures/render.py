@@ -22,12 +22,14 @@ def default_figure_dir(results: Path) -> Path:
 
 def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
            labels: Sequence[str] | None = None, density_width: float | None = None,
-           grey_insignificant: bool = False) -> list[Path]:
+           grey_insignificant: bool = False, shared_scale: bool = False) -> list[Path]:
     """Draw the figures of every (or each named) checkpoint of `results` as PDF and PNG in `out_dir`.
 
     ``<label>-heatmaps-<scale>`` per scale; ``<label>-interactions-{distance,steps,blocks}``
     (the last with entries within 2 standard errors greyed when `grey_insignificant`); with spectra, ``<label>-spectrum-density``
-    (redrawn with σ = `density_width` x span when given) and ``<label>-spectrum-blocks``.
+    (redrawn with σ = `density_width` x span when given) and ``<label>-spectrum-blocks``. With
+    several checkpoints of one model, also ``trajectory-heatmaps-<scale>``: all of them side by
+    side, with colour limits shared across checkpoints when `shared_scale`.
     """
     for scale in scales:
         if scale not in SCALES:
@@ -43,6 +45,15 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
         raise CurvscopeError(f"{str(results)!r} holds no checkpoints to render.")
     out_dir = out_dir or default_figure_dir(results)
     written: list[Path] = []
+    if len(stored) > 1 and len({tuple(ck["partition/name"]) for ck in stored}) == 1:
+        for scale in scales:
+            fig = heatmap_figure(stored, scale, shared_scale)
+            try:
+                written += save_figure(fig, out_dir / f"trajectory-heatmaps-{scale}",
+                                       f"heatmaps of the pseudo-Hessian and its inverse across checkpoints "
+                                       f"{', '.join(ck.label for ck in stored)} of {results.name}, {scale} scale")
+            finally:
+                plt.close(fig)
     for ck in stored:
         origin = (f"checkpoint {ck.label!r} of {results.name} (source {ck.attrs.get('source')}, "
                   f"sha256 {ck.attrs.get('sha256')})")
