@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-kwargs", default="{}", type=json.loads)
     parser.add_argument("--data", required=True)
     parser.add_argument("--data-kwargs", default="{}", type=json.loads)
+    parser.add_argument("--data-root", help="folder (cifar10, mnist) or file (npz) to read the data from")
     parser.add_argument("--loss", default="nll")
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--save-at", default="", help="comma-separated epochs to save (default: the last)")
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="path prefix: <out>_epNN.pt")
     args = parser.parse_args(argv)
 
+    if args.data_root:
+        args.data_kwargs = {**args.data_kwargs, "root": args.data_root}
     torch.manual_seed(args.seed)
     save_at = {int(e) for e in args.save_at.split(",") if e} or {args.epochs}
     train = build_dataset(args.data, "train", args.data_kwargs)
