@@ -5,8 +5,10 @@ checkpoint → (model, loss, data) → engines (pseudo-Hessian, Newton step) →
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from curvscope.measures.interactions import Interactions, interactions
 from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
+from curvscope.sources.losses import LossFn
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -101,6 +104,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         data_kwargs.update(options.data_kwargs)
     data = build_dataset(ckpt.data["name"], options.split, data_kwargs)
     batches = analysis_batches(data, options.samples, options.batch_size)
+    warning = determinism_warning(ckpt.model, ckpt.loss_fn, batches[0], device, DTYPES[options.dtype])
     pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
                             dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
     step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
@@ -126,8 +130,32 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "torch_version": str(torch.__version__), "curvscope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - start,
+        "frozen": ", ".join(n for n, p in ckpt.model.named_parameters() if not p.requires_grad),
+        "determinism_warning": warning or "",
     }
     return AnalysisRecord(label or default_label(path), attrs, pseudo, step, inter, after, spec)
+
+
+def determinism_warning(model: torch.nn.Module, loss_fn: LossFn, batch: tuple[torch.Tensor, torch.Tensor],
+                        device: torch.device, dtype: torch.dtype) -> str | None:
+    """A warning when two eval-mode passes over the same batch give different losses (else None).
+
+    Curvature assumes a deterministic loss; dropout left active in eval mode, or
+    a model that updates state in forward, breaks that.
+    """
+    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    x, y = batch
+    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+    with torch.no_grad():
+        try:
+            a, b = (float(loss_fn(net(x), y.to(device))) for _ in range(2))
+        except (RuntimeError, ValueError, IndexError):
+            return None  # the engines report evaluation errors themselves
+    if a != b and not (math.isnan(a) and math.isnan(b)):
+        return (f"two passes over the same batch gave different losses ({a!r} and {b!r}) in eval mode: "
+                f"the model is not deterministic (dropout or state updated in forward?), so the curvature "
+                f"is of a random function.")
+    return None
 
 
 def default_label(path: str | Path) -> str:

@@ -34,7 +34,9 @@ class NewtonStep:
 
     `method` is "inverse" when H̄ is nonsingular, else "pseudo-inverse"
     (Moore-Penrose, eigenvalues with |λ| <= rcond·max|λ| dropped); H̄ is never
-    regularised. η* = H̄⁻¹ḡ; the quadratic model q(η) = ḡᵀη - ½ηᵀH̄η predicts a
+    regularised. Groups with exactly zero gradient are `excluded` (zero rows and
+    columns in the inverse, η*_s = 0); `positive_definite`, `rank` and
+    `condition_number` then refer to the other groups. η* = H̄⁻¹ḡ; the quadratic model q(η) = ḡᵀη - ½ηᵀH̄η predicts a
     decrease q(η*) = ½ḡᵀH̄⁻¹ḡ.
     """
 
@@ -46,6 +48,7 @@ class NewtonStep:
     rank: int
     learning_rates: np.ndarray  # (S,) η*
     predicted_decrease: float
+    excluded: np.ndarray  # (S,) bool: groups with exactly zero gradient, left out of the inverse
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import ROOT, SHIPPED, write_tiny_bundle
@@ -104,6 +107,12 @@ BAD = {
     "discrete too big": (lambda tmp: [SHIPPED, "--partition", "discrete"], "discrete partition"),
     "bad memory size": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--max-memory", "lots"], "memory size"),
     "zero top-k": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--top-k", "0"], "top-k"),
+    "labels out of range": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--data-kwargs",
+                                         '{"shape": [12], "num_classes": 7, "n": 40}'], "cannot be evaluated"),
+    "data shape does not fit": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--data-kwargs",
+                                             '{"shape": [5], "num_classes": 3, "n": 40}'], "cannot be evaluated"),
+    "empty data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--samples", "0"], "empty"),
+    "unknown plug-in": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--model", "nowhere.mod:f"], "cannot import"),
 }
 
 
@@ -150,3 +159,66 @@ def test_module_entry_point_prints_one_paragraph_without_traceback(tmp_path: Pat
     assert proc.returncode == 2
     assert proc.stderr.startswith("curvscope: error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_frozen_and_dead_tensors_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_nets.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = torch.nn.Linear(12, 5)\n"
+        "        self.dead = torch.nn.Linear(12, 5)\n"
+        "        self.b = torch.nn.Linear(5, 3)\n"
+        "        self.a.bias.requires_grad_(False)\n"
+        "    def forward(self, x):\n"
+        "        return torch.log_softmax(self.b(torch.tanh(self.a(x)) + 0 * self.dead.bias.sum()), 1)\n"
+        "def net():\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_nets
+    torch.save(my_nets.net().state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "r.h5"
+    res = run("analyse", tmp_path / "sd.pt", "--model", "my_nets:net", "--data", "synthetic", "--data-kwargs",
+              '{"shape": [12], "num_classes": 3, "n": 20}', "--loss", "nll", "-o", out, "--no-render", "--no-spectrum")
+    assert res.exit_code == 0, res.output
+    assert "excluded from the inverse: dead.weight, dead.bias" in res.output
+    info = run("info", out).output
+    assert "frozen (requires_grad False), left out: a.bias" in info and "excluded from the inverse" in info
+    with h5py.File(out) as fh:
+        assert "a.bias" not in [n.decode() for n in fh["checkpoints/sd/partition/name"][()]]
+
+
+def test_nondeterministic_model_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "noisy.py").write_text(
+        "import torch\n"
+        "class Noisy(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(12, 3)\n"
+        "    def forward(self, x):\n"
+        "        return torch.log_softmax(self.fc(torch.nn.functional.dropout(x, 0.5, training=True)), 1)\n"
+        "def net():\n    return Noisy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import noisy
+    torch.save(noisy.net().state_dict(), tmp_path / "n.pt")
+    res = CliRunner().invoke(main, ["analyse", str(tmp_path / "n.pt"), "--model", "noisy:net", "--data", "synthetic",
+                                    "--data-kwargs", '{"shape": [12], "num_classes": 3, "n": 20}', "--loss", "nll",
+                                    "-o", str(tmp_path / "r.h5"), "--no-render", "--no-spectrum"])
+    assert res.exit_code == 0 and "not deterministic" in res.output
+
+
+def test_sigterm_mid_run_exits_130_and_keeps_results(tmp_path: Path) -> None:
+    out = tmp_path / "r.h5"
+    assert run("analyse", write_tiny_bundle(tmp_path / "good.pt"), "-o", out, "--no-render",
+               "--no-spectrum").exit_code == 0
+    before = digest(out)
+    proc = subprocess.Popen([sys.executable, "-m", "curvscope", "analyse", str(SHIPPED), "-o", str(out),
+                             "--no-render", "--lanczos-steps", "400"], cwd=tmp_path, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert digest(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

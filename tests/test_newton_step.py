@@ -62,3 +62,14 @@ def test_indefinite_is_inverted_not_regularised() -> None:
     assert step.method == "inverse" and not step.positive_definite
     np.testing.assert_allclose(step.inverse, np.diag([0.5, -1.0]))
     assert step.predicted_decrease == pytest.approx(0.5 * (0.5 - 1.0))
+
+
+def test_zero_gradient_groups_are_excluded_not_garbage() -> None:
+    h = np.array([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    g = np.array([1.0, 0.0, 2.0])
+    step = newton_step(h, g)
+    assert step.excluded.tolist() == [False, True, False]
+    assert step.method == "inverse" and step.positive_definite and step.rank == 2
+    kept = np.linalg.inv(h[np.ix_([0, 2], [0, 2])])
+    np.testing.assert_allclose(step.inverse[np.ix_([0, 2], [0, 2])], kept)
+    assert np.all(step.inverse[1] == 0) and np.all(step.inverse[:, 1] == 0) and step.learning_rates[1] == 0

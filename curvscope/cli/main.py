@@ -200,6 +200,10 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
                        f"{s.predicted_decrease:.4g}; {record.attrs['elapsed_s']:.1f} s -> {output}")
             if record.spectrum is not None:
                 click.echo(f"{label}: {spectrum_summary(record.spectrum)}")
+            if s.excluded.any():
+                click.echo(f"{label}: zero gradient, excluded from the inverse: {', '.join(p.names[s.excluded])}")
+        if record.attrs["determinism_warning"]:
+            click.echo(f"curvscope: warning: {label}: {record.attrs['determinism_warning']}", err=True)
     if not no_render:
         written = render(output, figure_dir, scales, labels, shared_scale=shared_scale)
         if not quiet:

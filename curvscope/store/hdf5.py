@@ -101,6 +101,7 @@ def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
     inv = grp.create_dataset("pseudo_hessian_inverse", data=s.inverse.astype(np.float64))
     inv.attrs.update({"method": s.method, "condition_number": s.condition_number,
                       "positive_definite": s.positive_definite, "rank": s.rank})
+    inv.attrs.create("excluded", data=[str(n) for n in p.names[s.excluded]], dtype=STR)
     grp.create_dataset("pseudo_hessian_eigenvalues", data=s.eigenvalues.astype(np.float64))
     grp.create_dataset("learning_rates", data=s.learning_rates.astype(np.float64))
     grp.create_dataset("predicted_decrease", data=np.float64(s.predicted_decrease))
@@ -247,6 +248,12 @@ def describe(path: Path) -> str:
         lines.append(f"  H̄: S={len(ck['pseudo_gradient'])}, {inv.get('method')}, condition number "
                      f"{inv.get('condition_number', float('nan')):.3g}, positive definite: "
                      f"{inv.get('positive_definite')}, predicted decrease {float(ck['predicted_decrease']):.4g}")
+        if len(np.atleast_1d(inv.get("excluded", []))):
+            lines.append("  zero gradient, excluded from the inverse: " + ", ".join(np.atleast_1d(inv["excluded"])))
+        if a.get("frozen"):
+            lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
+        if a.get("determinism_warning"):
+            lines.append(f"  warning: {a['determinism_warning']}")
         lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {'H̄_ss':>11s} {'η*_s':>11s}")
         for i, name in enumerate(ck["partition/name"]):
             lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
