@@ -170,21 +170,22 @@ def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torc
 
 
 def _exact_extreme(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Tensor,
-                   targets: torch.Tensor, k: int, tol: float, which: str) -> np.ndarray:
-    """`eigsh(which=which)` on the float64 Hessian; HVPs by double backward on one kept graph."""
-    net = _fresh(model, torch.float64)
+                   targets: torch.Tensor, k: int, tol: float, which: str,
+                   dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """`eigsh(which=which)` on the Hessian in `dtype`; HVPs by double backward on one kept graph."""
+    net = _fresh(model, dtype)
     params = [p for p in net.parameters() if p.requires_grad]
-    x = inputs.to(torch.float64) if inputs.is_floating_point() else inputs
+    x = inputs.to(dtype) if inputs.is_floating_point() else inputs
     loss = loss_fn(net(x), targets)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     sizes = [p.numel() for p in params]
     n = sum(sizes)
 
     def matvec(v: np.ndarray) -> np.ndarray:
-        flat = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1))
+        flat = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1)).to(dtype)
         parts = [c.view_as(p) for c, p in zip(torch.split(flat, sizes), params)]
         hv = torch.autograd.grad(grads, params, grad_outputs=parts, retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv]).detach().numpy()
+        return torch.cat([h.reshape(-1) for h in hv]).detach().to(torch.float64).numpy()
 
     op = LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
     values = eigsh(op, k=k, which=which, tol=tol, return_eigenvectors=False)
@@ -192,9 +193,10 @@ def _exact_extreme(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Ten
 
 
 def exact_top_k(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Tensor,
-                targets: torch.Tensor, k: int = 5, tol: float = 1e-8) -> np.ndarray:
-    """Reference k largest Hessian eigenvalues (float64, ARPACK which="LA"), descending."""
-    return _exact_extreme(model, loss_fn, inputs, targets, k, tol, "LA")[::-1].copy()
+                targets: torch.Tensor, k: int = 5, tol: float = 1e-8,
+                dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Reference k largest Hessian eigenvalues (products in `dtype`, ARPACK which="LA"), descending."""
+    return _exact_extreme(model, loss_fn, inputs, targets, k, tol, "LA", dtype)[::-1].copy()
 
 
 def exact_bottom_k(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Tensor,

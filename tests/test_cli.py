@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import h5py
@@ -161,25 +164,34 @@ def test_module_entry_point_prints_one_paragraph_without_traceback(tmp_path: Pat
     assert not (tmp_path / "reports").exists()
 
 
-def test_frozen_and_dead_tensors_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_nets.py").write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.a = torch.nn.Linear(12, 5)\n"
-        "        self.dead = torch.nn.Linear(12, 5)\n"
-        "        self.b = torch.nn.Linear(5, 3)\n"
-        "        self.a.bias.requires_grad_(False)\n"
-        "    def forward(self, x):\n"
-        "        return torch.log_softmax(self.b(torch.tanh(self.a(x)) + 0 * self.dead.bias.sum()), 1)\n"
-        "def net():\n    return Net()\n")
+def analyse_plugin_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str):
+    """Analyse a fresh state_dict of `net()` from the module `source` (a module name unique to the test)."""
+    name = f"plugin_net_{zlib.crc32(str(tmp_path).encode())}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import my_nets
-    torch.save(my_nets.net().state_dict(), tmp_path / "sd.pt")
+    module = importlib.import_module(name)
+    torch.save(module.net().state_dict(), tmp_path / "sd.pt")
     out = tmp_path / "r.h5"
-    res = run("analyse", tmp_path / "sd.pt", "--model", "my_nets:net", "--data", "synthetic", "--data-kwargs",
-              '{"shape": [12], "num_classes": 3, "n": 20}', "--loss", "nll", "-o", out, "--no-render", "--no-spectrum")
+    return run("analyse", tmp_path / "sd.pt", "--model", f"{name}:net", "--data", "synthetic", "--data-kwargs",
+               '{"shape": [12], "num_classes": 3, "n": 20}', "--loss", "nll", "-o", out, "--no-render",
+               "--no-spectrum"), out
+
+
+def test_frozen_and_dead_tensors_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res, out = analyse_plugin_model(tmp_path, monkeypatch, """
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = torch.nn.Linear(12, 5)
+                self.dead = torch.nn.Linear(12, 5)
+                self.b = torch.nn.Linear(5, 3)
+                self.a.bias.requires_grad_(False)
+            def forward(self, x):
+                return torch.log_softmax(self.b(torch.tanh(self.a(x)) + 0 * self.dead.bias.sum()), 1)
+        def net():
+            return Net()
+        """)
     assert res.exit_code == 0, res.output
     assert "excluded from the inverse: dead.weight, dead.bias" in res.output
     info = run("info", out).output
@@ -189,21 +201,17 @@ def test_frozen_and_dead_tensors_are_reported(tmp_path: Path, monkeypatch: pytes
 
 
 def test_nondeterministic_model_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "noisy.py").write_text(
-        "import torch\n"
-        "class Noisy(torch.nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(12, 3)\n"
-        "    def forward(self, x):\n"
-        "        return torch.log_softmax(self.fc(torch.nn.functional.dropout(x, 0.5, training=True)), 1)\n"
-        "def net():\n    return Noisy()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import noisy
-    torch.save(noisy.net().state_dict(), tmp_path / "n.pt")
-    res = CliRunner().invoke(main, ["analyse", str(tmp_path / "n.pt"), "--model", "noisy:net", "--data", "synthetic",
-                                    "--data-kwargs", '{"shape": [12], "num_classes": 3, "n": 20}', "--loss", "nll",
-                                    "-o", str(tmp_path / "r.h5"), "--no-render", "--no-spectrum"])
+    res, _ = analyse_plugin_model(tmp_path, monkeypatch, """
+        import torch
+        def net():
+            class Noisy(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.fc = torch.nn.Linear(12, 3)
+                def forward(self, x):
+                    return torch.log_softmax(self.fc(torch.nn.functional.dropout(x, 0.5, training=True)), 1)
+            return Noisy()
+        """)
     assert res.exit_code == 0 and "not deterministic" in res.output
 
 

@@ -25,6 +25,7 @@ from matplotlib.colors import Normalize, SymLogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from curvscope.measures.normalized import normalized  # noqa: E402
+from curvscope.figures.titles import figure_title  # noqa: E402
 from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
 
 SCALES = ("linear", "symlog", "normalized")
@@ -99,12 +100,6 @@ def _rows(stored: StoredCheckpoint, scale: str) -> list[tuple[str, list[Panel]]]
     return [(name, blocks(normalized(m) if scale == "normalized" else m, *groups)) for name, m in matrices]
 
 
-def _describe(stored: StoredCheckpoint) -> str:
-    a = stored.attrs
-    epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
-    return f"{a.get('model')} on {a.get('dataset')} ({a.get('split')}, N={a.get('n_samples')}){epoch}"
-
-
 def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale: str = "linear",
                    shared_scale: bool = False) -> Figure:
     """Heatmaps of H̄ (top row) and H̄⁻¹ (bottom row): WW, BB, WB panels per checkpoint, side by side.
@@ -136,7 +131,7 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
                 label = f"{ck.label}\n" if len(checkpoints) > 1 and r == 0 else ""
                 ax.set_title(f"{label}{prefix}: {panel.title}", fontsize=10)
     shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""
-    head = (f"{checkpoints[0].label}: {_describe(checkpoints[0])}" if len(checkpoints) == 1 else
+    head = (figure_title(checkpoints[0], "pseudo-Hessian and inverse") if len(checkpoints) == 1 else
             " → ".join(ck.label for ck in checkpoints) + f": {checkpoints[0].attrs.get('model')} on "
             f"{checkpoints[0].attrs.get('dataset')}")
     fig.suptitle(f"{head} — {scale} scale{shared}", fontsize=11)

@@ -13,6 +13,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from curvscope.figures.heatmaps import CMAP  # noqa: E402
 from curvscope.measures.interactions import layer_index  # noqa: E402
+from curvscope.figures.titles import figure_title  # noqa: E402
 from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
 
 MATRIX_NAMES = {"hessian": r"$N(\bar H)$", "inverse": r"$N(\bar H^{-1})$"}
@@ -22,12 +23,6 @@ DEFAULT_TOLERANCE = 0.1
 def has_interactions(stored: StoredCheckpoint) -> bool:
     """Whether the checkpoint carries interactions/."""
     return "interactions/steps/efficiency" in stored.data
-
-
-def _title(stored: StoredCheckpoint, what: str) -> str:
-    a = stored.attrs
-    epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
-    return f"{stored.label}: {what} — {a.get('model')} on {a.get('dataset')} (N={a.get('n_samples')}){epoch}"
 
 
 def distance_figure(stored: StoredCheckpoint) -> Figure:
@@ -44,7 +39,7 @@ def distance_figure(stored: StoredCheckpoint) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("|N(M)_st| over pairs k layers apart")
     axes[0].legend(fontsize=8)
-    fig.suptitle(_title(stored, "interaction against layer distance"), fontsize=10)
+    fig.suptitle(figure_title(stored, "interaction against layer distance"), fontsize=10)
     return fig
 
 
@@ -76,7 +71,7 @@ def steps_figure(stored: StoredCheckpoint) -> Figure:
     for ax in (ax1, ax2):
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(_title(stored, "per-group steps"), fontsize=10)
+    fig.suptitle(figure_title(stored, "per-group steps"), fontsize=10)
     return fig
 
 
@@ -110,5 +105,5 @@ def outlined_heatmap_figure(stored: StoredCheckpoint, grey_insignificant: bool =
             start += width
         ax.set_title(MATRIX_NAMES[matrix] + (" (grey: |H̄_st| ≤ 2 s.e.)" if mask.any() else ""), fontsize=10)
         ax.tick_params(labelsize=7)
-    fig.suptitle(_title(stored, "layer blocks outlined"), fontsize=10)
+    fig.suptitle(figure_title(stored, "layer blocks outlined"), fontsize=10)
     return fig

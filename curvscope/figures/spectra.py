@@ -9,18 +9,13 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from curvscope.measures.density import gaussian_density  # noqa: E402
+from curvscope.figures.titles import figure_title  # noqa: E402
 from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
 
 
 def has_spectrum(stored: StoredCheckpoint) -> bool:
     """Whether the checkpoint was analysed with spectra."""
     return "spectrum/density/grid" in stored.data
-
-
-def _title(stored: StoredCheckpoint, what: str) -> str:
-    a = stored.attrs
-    epoch = f", epoch {a['epoch']}" if int(a.get("epoch", -1)) >= 0 else ""
-    return f"{stored.label}: {what} — {a.get('model')} on {a.get('dataset')} (N={a.get('n_samples')}){epoch}"
 
 
 def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figure:
@@ -50,7 +45,7 @@ def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figu
     ax.set_ylim(bottom=max(floor, dens.max() * 1e-8))
     ax.set_xlabel("eigenvalue λ of the Hessian")
     ax.set_ylabel("density")
-    ax.set_title(_title(stored, "Hessian spectrum"), fontsize=9)
+    ax.set_title(figure_title(stored, "Hessian spectrum"), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     return fig
 
@@ -91,5 +86,5 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
         for ax in axes[:, c]:
             ax.set_xticks(x, groups, rotation=90, fontsize=8)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(_title(stored, "diagonal blocks"), fontsize=10)
+    fig.suptitle(figure_title(stored, "diagonal blocks"), fontsize=10)
     return fig
