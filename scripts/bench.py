@@ -14,8 +14,8 @@ compared entrywise (max relative difference) so a fast wrong answer shows.
 Spectrum suite (issue #3), one batch (LeNet-5: 256 samples, VGG-11': 64):
 top-5 Hessian eigenvalues and an SLQ density (1 run x 100 steps) by curvscope,
 hessian-eigenthings (Lanczos, 40 steps) and PyHessian (power iteration), each
-timed and compared with an exact reference (scipy eigsh, tol 1e-8, on
-float64 Hessian-vector products for LeNet-5 and float32 ones for VGG-11'). Needs the bench extra: pip install -e ".[bench]".
+timed and compared with an exact reference (scipy eigsh, ncv 40: tol 1e-8 on
+float64 Hessian-vector products for LeNet-5, tol 1e-6 on float32 ones for VGG-11'). Needs the bench extra: pip install -e ".[bench]".
 
     python scripts/bench.py                          # both suites, both models, writes reports/bench/
     python scripts/bench.py --suites spectrum --models lenet5
@@ -42,8 +42,10 @@ from curvscope.sources.zoo import build_model
 
 SETTINGS = {"lenet5": {"samples": 1024, "batch_size": 256}, "vgg11": {"samples": 256, "batch_size": 64}}
 # float64 Hessian-vector products of VGG-11' take 10 s each on a 2-core CPU (1.5 s in float32), too slow
-# for ARPACK; its reference uses float32 products, accurate to about 1e-7 relative.
+# for ARPACK; its reference uses float32 products, for which ARPACK cannot reach tol 1e-8: tol 1e-6,
+# so VGG-11' errors below about 1e-6 are not resolved.
 REFERENCE_DTYPE = {"lenet5": torch.float64, "vgg11": torch.float32}
+REFERENCE_TOL = {"lenet5": 1e-8, "vgg11": 1e-6}
 
 
 def cifar_shaped(n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,9 +139,9 @@ def bench_spectrum(name: str, repeat: int) -> list[dict]:
     loss_fn = build_loss("nll")
     (x, y), = cifar_shaped(SETTINGS[name]["batch_size"], SETTINGS[name]["batch_size"])
     start = time.perf_counter()
-    ref = peers.exact_top_k(model, loss_fn, x, y, k=5, tol=1e-8, dtype=REFERENCE_DTYPE[name])
+    ref = peers.exact_top_k(model, loss_fn, x, y, k=5, tol=REFERENCE_TOL[name], dtype=REFERENCE_DTYPE[name])
     t_ref = time.perf_counter() - start
-    ref_name = f"reference ({str(REFERENCE_DTYPE[name]).removeprefix('torch.')} eigsh, tol 1e-8)"
+    ref_name = f"reference ({str(REFERENCE_DTYPE[name]).removeprefix('torch.')} eigsh, tol {REFERENCE_TOL[name]:g})"
     rows = [{"model": name, "task": "top-5", "tool": ref_name, "seconds": t_ref,
              "rel_error": 0.0, "values": ref.tolist(), "note": ""}]
     t, ours = best_time(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5), repeat)

@@ -188,7 +188,7 @@ def _exact_extreme(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Ten
         return torch.cat([h.reshape(-1) for h in hv]).detach().to(torch.float64).numpy()
 
     op = LinearOperator((n, n), matvec=matvec, rmatvec=matvec, dtype=np.float64)
-    values = eigsh(op, k=k, which=which, tol=tol, return_eigenvectors=False)
+    values = eigsh(op, k=k, which=which, tol=tol, ncv=min(n - 1, max(2 * k + 1, 40)), return_eigenvectors=False)
     return np.sort(values)
 
 

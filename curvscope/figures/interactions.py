@@ -58,6 +58,8 @@ def steps_figure(stored: StoredCheckpoint) -> Figure:
         ax1.axhline(1 - DEFAULT_TOLERANCE, color="#b2182b", ls="--", lw=1,
                     label=f"valid above 1 − {DEFAULT_TOLERANCE:g} (audit default)")
         ax1.legend(fontsize=8, loc="lower left")
+        if np.nanmax(np.abs(eff)) > 2:  # bad approximations reach large negative efficiencies
+            ax1.set_yscale("symlog", linthresh=1.0)
     ax1.set_ylabel("efficiency q(η) / q(η*)")
     ax1.set_title("step efficiency of each approximation", fontsize=10)
     w = 0.38
@@ -65,6 +67,10 @@ def steps_figure(stored: StoredCheckpoint) -> Figure:
     ax2.bar(x + w / 2, np.where(np.isfinite(act), act, np.nan), w, label="actual L(θ) − L(θ − Σ η_s U_s)",
             color="#f4a582")
     ax2.axhline(0, color="black", lw=0.6)
+    both = np.abs(np.concatenate([pred, act]))
+    both = both[np.isfinite(both) & (both > 0)]
+    if both.size and both.max() > 100 * np.median(both):  # decreases spanning orders of magnitude
+        ax2.set_yscale("symlog", linthresh=float(np.median(both)))
     ax2.set_ylabel("loss decrease")
     ax2.set_title("predicted against actual loss decrease", fontsize=10)
     ax2.legend(fontsize=8)
