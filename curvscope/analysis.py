@@ -42,6 +42,7 @@ class AnalysisOptions:
     partition: str = "canonical"
     split: str = "train"
     seed: int = 0
+    random_subset: bool = False  # the `samples` drawn at random with `seed` instead of the first ones
     device: str = "cpu"
     dtype: str = "float32"
     strategy: str = "auto"
@@ -103,7 +104,8 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     if options.data is None and options.data_kwargs:  # e.g. --data-root for the recorded data set
         data_kwargs.update(options.data_kwargs)
     data = build_dataset(ckpt.data["name"], options.split, data_kwargs)
-    batches = analysis_batches(data, options.samples, options.batch_size)
+    batches = analysis_batches(data, options.samples, options.batch_size,
+                               seed=options.seed if options.random_subset else None)
     warning = determinism_warning(ckpt.model, ckpt.loss_fn, batches[0], device, DTYPES[options.dtype])
     pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
                             dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
@@ -126,6 +128,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "n_samples": pseudo.n_samples, "batch_size": options.batch_size, "n_batches": pseudo.n_batches,
         "loss": ckpt.loss, "loss_value": pseudo.loss, "epoch": ckpt.epoch, "curvature": "hessian",
         "direction": "gradient", "partition": pseudo.partition, "seed": options.seed,
+        "subset": "random (seeded)" if options.random_subset else "first",
         "device": str(device), "dtype": options.dtype, "strategy": pseudo.strategy,
         "torch_version": str(torch.__version__), "curvscope_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -6,6 +6,7 @@ import pickle
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,19 @@ def test_pickled_module_only_with_trust(tmp_path: Path) -> None:
         load_checkpoint(path)
     ck = load_checkpoint(path, trust=True, loss="nll")
     assert ck.model_name == "MLP" and isinstance(ck.model, torch.nn.Module) and ck.loss == "nll"
+
+
+def test_torch_export_program(tmp_path: Path) -> None:
+    from curvscope import pseudo_hessian
+    net = build_model("mlp", TINY_MODEL)
+    program = torch.export.export(net, (torch.randn(4, 12),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    ck = load_checkpoint(tmp_path / "m.pt2", loss="nll", data=TINY_DATA)
+    x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
+    exported = pseudo_hessian(ck.model, ck.loss_fn, [(x, y)])
+    direct = pseudo_hessian(net, ck.loss_fn, [(x, y)])
+    assert [n.removeprefix("exported.") for n in exported.names] == list(direct.names)
+    np.testing.assert_allclose(exported.pseudo_hessian, direct.pseudo_hessian, rtol=1e-5, atol=1e-12)
+    (tmp_path / "bad.pt2").write_bytes(b"junk")
+    with pytest.raises(CurvscopeError, match="not a readable torch.export program"):
+        load_checkpoint(tmp_path / "bad.pt2")

@@ -69,3 +69,13 @@ def test_unknown_names() -> None:
         build_loss("hinge")
     with pytest.raises(CurvscopeError, match="unknown split"):
         build_dataset("digits", "valid")
+
+
+def test_seeded_random_subset() -> None:
+    data = build_dataset("synthetic", "train", {"shape": [2], "n": 50})
+    a = analysis_batches(data, 10, 4, seed=3)
+    b = analysis_batches(data, 10, 4, seed=3)
+    c = analysis_batches(data, 10, 4, seed=4)
+    torch.testing.assert_close(torch.cat([x for x, _ in a]), torch.cat([x for x, _ in b]))
+    assert not torch.equal(torch.cat([x for x, _ in a]), torch.cat([x for x, _ in c]))
+    assert not torch.equal(torch.cat([x for x, _ in a]), data.inputs[:10])

@@ -112,7 +112,10 @@ def main(debug: bool) -> None:
 @click.option("--samples", type=int, help="Analyse the first N samples of the split [default: all].")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds torch and every random probe (recorded in the file).")
+@click.option("--random-subset", is_flag=True,
+              help="Analyse a random subset of --samples samples drawn with --seed, instead of the first ones.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Compute dtype (accumulation is always float64).")
@@ -151,7 +154,7 @@ def main(debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Recompute checkpoints whose label the results file already holds.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary.")
 def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, samples: int | None,
-            batch_size: int, split: str, seed: int, device: str, dtype: str, strategy: str, model: str | None,
+            batch_size: int, split: str, seed: int, random_subset: bool, device: str, dtype: str, strategy: str, model: str | None,
             trust_checkpoint: bool, model_kwargs: str | None, data: str | None, data_root: str | None,
             data_kwargs: str | None, loss: str | None,
             spectrum: bool, top_k: int, lanczos_steps: int, lanczos_tol: float, slq_runs: int,
@@ -174,6 +177,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, partition: str, 
     output = output or _default_output(labels)
     check_writable(output)
     options = AnalysisOptions(samples=samples, batch_size=batch_size, partition=partition, split=split, seed=seed,
+                              random_subset=random_subset,
                               device=device, dtype=dtype, strategy=strategy, model=model,
                               model_kwargs=_json_option(model_kwargs, "--model-kwargs"), data=data,
                               data_kwargs=_data_kwargs(data_kwargs, data_root), loss=loss,

@@ -159,18 +159,54 @@ def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
         raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
 
 
+class Exported(nn.Module):
+    """A torch.export program's module; its mode was fixed at export, so train()/eval() only set the flag."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.exported = program
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.exported(*args)
+
+    def train(self, mode: bool = True) -> "Exported":
+        self.training = mode
+        return self
+
+
+def _load_exported(path: Path, model: str | None, loss: str | None, data: dict | None) -> Checkpoint:
+    """A torch.export program (.pt2): its module, with the loss and data named on the command line."""
+    if not path.is_file():
+        raise CurvscopeError(f"checkpoint {str(path)!r} does not exist.")
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - damaged archives fail in many ways
+        raise CurvscopeError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}.") from None
+    net = Exported(program.module())
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
+    name = loss or "cross_entropy"
+    return Checkpoint(model=net, loss_fn=build_loss(name), loss=name, model_name=model or "torch.export program",
+                      model_kwargs={}, data=dict(data or {}), source=str(path), sha256=file_sha256(path))
+
+
 def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs: dict | None = None,
                     loss: str | None = None, data: dict | None = None, trust: bool = False) -> Checkpoint:
     """Rebuild model, loss and data spec from a checkpoint without running code from it.
 
     Reads a curvscope bundle, a plain state_dict, or a wrapped one
     ({"state_dict" | "model_state_dict" | "model": state_dict, "epoch": ...},
-    keys possibly prefixed "module." or "model."). Arguments given here override
+    keys possibly prefixed "module." or "model."), or a torch.export program
+    (.pt2, exported with a dynamic batch dimension). Arguments given here override
     what the bundle records; a state_dict needs at least `model` (a zoo name or
     "package.module:factory"). A whole pickled nn.Module is loaded only with
     `trust=True`, as unpickling it runs code from the file.
     """
     path = Path(path)
+    if path.suffix == ".pt2":
+        return _load_exported(path, model, loss, data)
     obj = _read(path, trust)
     if isinstance(obj, nn.Module):
         name = model or type(obj).__name__

@@ -109,11 +109,13 @@ def build_dataset(name: str, split: str = "train", kwargs: dict | None = None) -
         raise CurvscopeError(f"data set {name!r} does not accept the arguments {kwargs!r}: {exc}.") from None
 
 
-def analysis_batches(data: Dataset, samples: int | None, batch_size: int,
+def analysis_batches(data: Dataset, samples: int | None, batch_size: int, seed: int | None = None,
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first `samples` items of `data` (all when None) cut into batches of `batch_size`.
 
-    The last batch may be smaller; the engines weight each batch by n_b / N.
+    With `seed`, the `samples` items are a deterministic random subset instead
+    (a seeded permutation). The last batch may be smaller; the engines weight
+    each batch by n_b / N.
     """
     n = len(data) if samples is None else samples
     if n <= 0 or len(data) == 0:
@@ -122,6 +124,9 @@ def analysis_batches(data: Dataset, samples: int | None, batch_size: int,
         raise CurvscopeError(f"--samples {n} is larger than the data set, which holds {len(data)} samples.")
     if batch_size <= 0:
         raise CurvscopeError(f"--batch-size must be positive, not {batch_size}.")
+    if seed is not None:
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+        data = Dataset(data.inputs[idx], data.targets[idx])
     return [(data.inputs[i:min(i + batch_size, n)], data.targets[i:min(i + batch_size, n)])
             for i in range(0, n, batch_size)]
 
