@@ -259,10 +259,10 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
     import h5py
 
     from curvscope.analysis import AnalysisOptions, analyse_checkpoint, default_label
-    from curvscope.audit import audit_checkpoint, audit_report, format_report
+    from curvscope.audit import MATRICES, audit_checkpoint, audit_report, format_report
     from curvscope.store.hdf5 import read_results, write_records
 
-    ofs = ["hessian", "inverse"] if of == "both" else [of]
+    ofs = list(MATRICES) if of == "both" else [of]
     reports = []
     with tempfile.TemporaryDirectory(prefix="curvscope-audit-") as tmp:
         for path in inputs:

@@ -113,8 +113,7 @@ class HessianProducts:
         self.close()
 
     def _batch_grads(self, b: int) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(self.obj.batch_loss(b), self.params, create_graph=True, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        return _grads_with_graph(self.obj, self.params, b)
 
     def groups(self) -> dict[str, list[int]]:
         """Every nameable block: each tensor by name, each layer (module with several tensors) by name."""
@@ -159,6 +158,12 @@ class HessianProducts:
         return out
 
 
+def _grads_with_graph(obj: Objective, params: list[torch.Tensor], b: int) -> list[torch.Tensor]:
+    """∇L_b with its graph kept for differentiating again (zeros for tensors L_b does not use)."""
+    grads = torch.autograd.grad(obj.batch_loss(b), params, create_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
 def _measured_graph(obj: Objective, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """∇L_0 with its graph for batch 0, and the bytes autograd saved to build it."""
     seen: dict[int, int] = {}
@@ -169,5 +174,5 @@ def _measured_graph(obj: Objective, params: list[torch.Tensor]) -> tuple[list[to
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        grads = torch.autograd.grad(obj.batch_loss(0), params, create_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)], sum(seen.values())
+        grads = _grads_with_graph(obj, params, 0)
+    return grads, sum(seen.values())

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 MIN_CHECK_STEPS = 8  # the check run's Krylov space must be at least this large before it can clear
@@ -38,14 +39,9 @@ class Krylov:
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), the eigenvectors of T_m (columns) and the residual estimates |β_m s_{m,i}|."""
-        theta, s = _eigh_tridiagonal(self.alpha, self.beta[:-1])
+        theta, s = eigh_tridiagonal(self.alpha, self.beta[:-1])
         est = np.abs(self.beta[-1] * s[-1]) if not self.invariant else np.zeros_like(theta)
         return theta, s, est
-
-
-def _eigh_tridiagonal(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    t = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-    return np.linalg.eigh(t)
 
 
 def _orthogonalise(w: torch.Tensor, *bases: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +96,7 @@ class Eigenpairs:
     values: np.ndarray
     vectors: torch.Tensor  # (k, n), unit rows
     residuals: np.ndarray  # ‖H x − θ x‖, from one extra product per value
-    converged: np.ndarray  # residual <= tol·‖H‖ and no missed eigenvalue found by the verification run
-    scale: float  # the estimate of ‖H‖ (largest |Ritz value| seen) the tolerance is relative to
+    converged: np.ndarray  # residual <= tol·‖H‖ (‖H‖: largest |Ritz value| seen), and the check run cleared it
     steps: int  # Lanczos steps, verification runs included
     verified: bool  # a deflated run from a fresh start found nothing beyond the k-th value
 
@@ -172,7 +167,7 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     converged = residuals <= tol * scale[0]
     if verify and k < n:
         converged &= verified
-    return Eigenpairs(sign * vals, vectors, residuals, converged, scale[0], steps, verified or k == n)
+    return Eigenpairs(sign * vals, vectors, residuals, converged, steps, verified or k == n)
 
 
 def quadrature(matvec: MatVec, start: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,17 +6,17 @@ import numpy as np
 from curvscope.results import NewtonStep
 
 
-def _invert(h: np.ndarray, rcond: float) -> tuple[np.ndarray, bool, int, float]:
-    """(inverse or Moore-Penrose pseudo-inverse, singular?, rank, condition number) of a symmetric h."""
+def _invert(h: np.ndarray, rcond: float) -> tuple[np.ndarray, np.ndarray, bool, int, float]:
+    """(inverse or Moore-Penrose pseudo-inverse, eigenvalues, singular?, rank, condition number) of a symmetric h."""
     S = h.shape[0]
     lam, vec = np.linalg.eigh(h)
     scale = np.abs(lam).max() if S else 0.0
     keep = np.abs(lam) > rcond * scale if scale > 0 else np.zeros(S, dtype=bool)
     rank = int(keep.sum())
     if rank < S:
-        return (vec[:, keep] / lam[keep]) @ vec[:, keep].T, True, rank, float("inf")
+        return (vec[:, keep] / lam[keep]) @ vec[:, keep].T, lam, True, rank, float("inf")
     inv = np.linalg.inv(h)
-    return 0.5 * (inv + inv.T), False, rank, float(scale / np.abs(lam).min())
+    return 0.5 * (inv + inv.T), lam, False, rank, float(scale / np.abs(lam).min())
 
 
 def newton_step(pseudo_hessian: np.ndarray, pseudo_gradient: np.ndarray,
@@ -36,9 +36,8 @@ def newton_step(pseudo_hessian: np.ndarray, pseudo_gradient: np.ndarray,
     excluded = g == 0
     kept = np.flatnonzero(~excluded)
     inv = np.zeros_like(h)
-    sub, singular, rank, cond = _invert(h[np.ix_(kept, kept)], rcond)
+    sub, lam_kept, singular, rank, cond = _invert(h[np.ix_(kept, kept)], rcond)
     inv[np.ix_(kept, kept)] = sub
-    lam_kept = np.linalg.eigvalsh(h[np.ix_(kept, kept)]) if len(kept) else np.zeros(0)
     eta = inv @ g
     return NewtonStep(inverse=inv, method="pseudo-inverse" if singular else "inverse",
                       eigenvalues=np.linalg.eigvalsh(h), condition_number=cond,

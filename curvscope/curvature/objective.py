@@ -55,8 +55,8 @@ class Objective:
         ref = next(self.model.parameters())
         return t.to(ref.device, ref.dtype) if t.is_floating_point() else t.to(ref.device)
 
-    def batch_loss(self, b: int) -> torch.Tensor:
-        """L_b, the mean loss of batch b, differentiable in the parameters; refuses NaN or Inf."""
+    def batch_loss(self, b: int, finite: bool = True) -> torch.Tensor:
+        """L_b, the mean loss of batch b, differentiable in the parameters; refuses NaN or Inf unless not `finite`."""
         x, y = self.batches[b]
         try:
             value = self.loss_fn(self.model(self.place(x)), self.place(y))
@@ -66,7 +66,7 @@ class Objective:
                                  f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)}): {first}") from None
         if value.dim() != 0:
             raise CurvscopeError(f"the loss must be a batch mean (a scalar); it returned shape {tuple(value.shape)}.")
-        if not math.isfinite(float(value.detach())):
+        if finite and not math.isfinite(float(value.detach())):
             raise CurvscopeError(f"the loss is {float(value.detach())} on batch {b}: curvature is undefined "
                                  "there (check the weights and the data for NaN, Inf or overflow).")
         return value

@@ -35,10 +35,6 @@ def loss_after_steps(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]
             for p, p0, g, a in zip(params, start, u, part.assignment):
                 rate = eta_t[a] if isinstance(a, int) else eta_t[a.to(eta_t.device)]
                 p.copy_((p0.to(torch.float64) - rate * g).to(p.dtype))
-            total = 0.0
-            for b, w in enumerate(obj.weights):
-                x, y = obj.batches[b]
-                value = float(obj.loss_fn(obj.model(obj.place(x)), obj.place(y)))
-                total += w * value
+            total = sum(w * float(obj.batch_loss(b, finite=False)) for b, w in enumerate(obj.weights))
         out.append(total if np.isfinite(total) else np.inf)
     return loss0, np.asarray(out)

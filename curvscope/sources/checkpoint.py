@@ -154,6 +154,10 @@ def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
             parts.append("wrong shape: " + "; ".join(wrong))
         raise CurvscopeError(f"the weights in {str(path)!r} do not fit the model ({'; '.join(parts)}).")
     model.load_state_dict(state_dict)
+    _check_finite(model, path)
+
+
+def _check_finite(model: nn.Module, path: Path) -> None:
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
@@ -184,9 +188,7 @@ def _load_exported(path: Path, model: str | None, loss: str | None, data: dict |
         raise CurvscopeError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}.") from None
     net = Exported(program.module())
-    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
+    _check_finite(net, path)
     name = loss or "cross_entropy"
     return Checkpoint(model=net, loss_fn=build_loss(name), loss=name, model_name=model or "torch.export program",
                       model_kwargs={}, data=dict(data or {}), source=str(path), sha256=file_sha256(path))
