@@ -119,6 +119,19 @@ def test_clustered_top_eigenvalues_are_resolved_or_flagged(top: list[float]) -> 
     assert res.converged.all()  # with enough steps every value is found
 
 
+def test_residuals_from_the_lanczos_relation_equal_measured_ones() -> None:
+    """The residuals, read off the recorded relation, equal ‖Hx − θx‖ computed with an extra product."""
+    rng = np.random.default_rng(2)
+    lam = np.concatenate([[5.0, 5.0, 4.0], rng.uniform(-3, 3, 97)])  # a repeat: the check run adds a vector
+    op = _diag_operator(lam, seed=3)
+    for steps in (12, 100):
+        res = extreme_eigenpairs(op, len(lam), 4, True, tol=1e-9, max_steps=steps,
+                                 generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        measured = [float(torch.linalg.vector_norm(op(x) - v * x)) for v, x in zip(res.values, res.vectors)]
+        np.testing.assert_allclose(res.residuals, measured, rtol=1e-6, atol=1e-13 * np.abs(lam).max())
+    assert res.converged.all() and res.values[1] == pytest.approx(5.0, rel=1e-12)
+
+
 def test_memory_sizes() -> None:
     assert parse_memory("2G") == 2 * 1024 ** 3 and parse_memory("512MiB") == 512 * 1024 ** 2
     assert parse_memory("1000") == 1000 and parse_memory("1.5k") == 1536

@@ -113,7 +113,7 @@ class HessianProducts:
         self.close()
 
     def _batch_grads(self, b: int) -> list[torch.Tensor]:
-        return _grads_with_graph(self.obj, self.params, b)
+        return self.obj.gradient_with_graph(b, self.params)
 
     def groups(self) -> dict[str, list[int]]:
         """Every nameable block: each tensor by name, each layer (module with several tensors) by name."""
@@ -152,16 +152,13 @@ class HessianProducts:
                 continue  # the loss is linear in this block
             hv = torch.autograd.grad(outs, [self.params[i] for i in indices], grad_outputs=chunks,
                                      retain_graph=self.mode == "cached", allow_unused=True)
-            out += w * torch.cat([(torch.zeros_like(c) if h is None else h).reshape(-1).to(torch.float64)
-                                  for h, c in zip(hv, chunks)])
+            start = 0
+            for h, c in zip(hv, chunks):  # accumulated in place: a new model-sized vector costs page faults
+                if h is not None:
+                    out[start:start + c.numel()].add_(h.reshape(-1), alpha=w)
+                start += c.numel()
         self.count += 1
         return out
-
-
-def _grads_with_graph(obj: Objective, params: list[torch.Tensor], b: int) -> list[torch.Tensor]:
-    """∇L_b with its graph kept for differentiating again (zeros for tensors L_b does not use)."""
-    grads = torch.autograd.grad(obj.batch_loss(b), params, create_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def _measured_graph(obj: Objective, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
@@ -174,5 +171,5 @@ def _measured_graph(obj: Objective, params: list[torch.Tensor]) -> tuple[list[to
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        grads = _grads_with_graph(obj, params, 0)
+        grads = obj.gradient_with_graph(0, params)
     return grads, sum(seen.values())

@@ -1,10 +1,17 @@
 """Lanczos in torch: extreme eigenpairs with residuals, and Gauss quadrature for SLQ.
 
-The three-term recurrence runs in float64 on the operator's device, with full
-reorthogonalisation (classical Gram-Schmidt, twice) against the whole Krylov
-basis, so Ritz values do not duplicate. After m steps, T_m = QᵀHQ is
-tridiagonal; its eigenpairs (θ_i, s_i) give Ritz pairs (θ_i, Q s_i) whose
-residual ‖H x_i − θ_i x_i‖ equals |β_m s_{m,i}| in exact arithmetic.
+The three-term recurrence runs in float64 on the operator's device with full
+reorthogonalisation against the whole Krylov basis (one classical
+Gram-Schmidt pass, a second one only when the first cancels much of the
+vector: the DGKS criterion), so Ritz values do not duplicate. Every
+coefficient removed from H q_j is recorded, which gives the exact relation
+
+    H Q_m = Q_m (T_m + E_m) + β_m q_{m+1} e_mᵀ + Lᵀ D_m
+
+with T_m tridiagonal (α, β), E_m the reorthogonalisation coefficients and D_m
+the components along locked vectors L. A Ritz pair (θ, x = Q_m s) of T_m has
+the residual ‖H x − θ x‖² = ‖E_m s‖² + ‖D_m s‖² + (β_m s_m)², known without
+another product.
 """
 from __future__ import annotations
 
@@ -18,15 +25,18 @@ from scipy.linalg import eigh_tridiagonal
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 MIN_CHECK_STEPS = 8  # the check run's Krylov space must be at least this large before it can clear
 BREAKDOWN = 1e-12  # β_j <= BREAKDOWN·max|α|: the Krylov space is invariant, the Ritz values are exact
+DGKS = 2 ** -0.5  # reorthogonalise again when a pass leaves less than this fraction of the vector's norm
 
 
 @dataclass(frozen=True)
 class Krylov:
-    """m Lanczos steps: basis Q (m x n), diagonal α (m,) and off-diagonal β (m,) of T_m; β[-1] is the residual norm."""
+    """m Lanczos steps: basis Q (m x n), T_m's diagonal α and off-diagonal β (β[-1] is β_m), and the
+    coefficients beyond T_m, `extra` ((m + locked) x m: E_m stacked on D_m)."""
 
     basis: torch.Tensor
     alpha: np.ndarray
     beta: np.ndarray
+    extra: np.ndarray
 
     @property
     def steps(self) -> int:
@@ -38,45 +48,65 @@ class Krylov:
         return bool(self.beta[-1] <= BREAKDOWN * max(np.abs(self.alpha).max(), 1e-300))
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), the eigenvectors of T_m (columns) and the residual estimates |β_m s_{m,i}|."""
+        """Ritz values (ascending), the eigenvectors s_i of T_m (columns) and the residuals ‖H Q s_i − θ_i Q s_i‖."""
         theta, s = eigh_tridiagonal(self.alpha, self.beta[:-1])
-        est = np.abs(self.beta[-1] * s[-1]) if not self.invariant else np.zeros_like(theta)
-        return theta, s, est
+        tail = 0.0 if self.invariant else self.beta[-1] * s[-1]
+        return theta, s, np.sqrt(np.sum((self.extra @ s) ** 2, axis=0) + tail ** 2)
 
 
-def _orthogonalise(w: torch.Tensor, *bases: torch.Tensor | None) -> torch.Tensor:
-    for _ in range(2):  # "twice is enough" (Giraud et al.)
-        for q in bases:
-            if q is not None and q.shape[0]:
-                w = w - q.T @ (q @ w)
-    return w
+def _project_out(w: torch.Tensor, bases: list[torch.Tensor]) -> np.ndarray:
+    """Remove from w, in place, its components along the rows of `bases` (one classical Gram-Schmidt
+    pass); return those components. In place because a new vector of a large model's size costs more
+    in page faults than the arithmetic."""
+    coef = torch.cat([q @ w for q in bases])
+    start = 0
+    for q in bases:
+        w.addmv_(q.T, coef[start:start + q.shape[0]], alpha=-1)
+        start += q.shape[0]
+    return coef.cpu().numpy()
 
 
 def lanczos(matvec: MatVec, start: torch.Tensor, steps: int, *, locked: torch.Tensor | None = None,
-            stop: Callable[[Krylov], bool] | None = None, check_every: int = 4) -> Krylov:
+            stop: Callable[[Krylov], bool] | None = None) -> Krylov:
     """Up to `steps` Lanczos steps from `start`, kept orthogonal to the rows of `locked`.
 
-    `stop(krylov)` is asked every `check_every` steps; the run also ends when
-    the Krylov space becomes invariant.
+    `stop(krylov)` is asked after every step; the run also ends when the
+    Krylov space becomes invariant. `matvec` must return a new tensor (it is
+    overwritten).
     """
     n = start.numel()
-    steps = max(1, min(steps, n - (0 if locked is None else locked.shape[0])))
-    basis = torch.zeros(steps, n, dtype=torch.float64, device=start.device)
-    q = _orthogonalise(start.to(torch.float64), locked)
-    q = q / torch.linalg.vector_norm(q)
-    alpha, beta = [], []
+    locked = torch.zeros(0, n, dtype=torch.float64, device=start.device) if locked is None else locked
+    n_locked = locked.shape[0]
+    steps = max(1, min(steps, n - n_locked))
+    basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
+    extra = np.zeros((steps + n_locked, steps))
+    basis[0] = start
+    for _ in range(2):
+        _project_out(basis[0], [locked])
+    basis[0] /= torch.linalg.vector_norm(basis[0])
+    alpha, beta = np.zeros(steps), np.zeros(steps)
     for j in range(steps):
-        basis[j] = q
+        q = basis[j]
         w = matvec(q)
-        alpha.append(float(q @ w))
-        w = _orthogonalise(w, basis[:j + 1], locked)
-        beta.append(float(torch.linalg.vector_norm(w)))
-        krylov = Krylov(basis[:j + 1], np.asarray(alpha), np.asarray(beta))
-        if krylov.invariant or j + 1 == steps:
+        alpha[j] = float(q @ w)
+        w.sub_(q, alpha=alpha[j])
+        if j:
+            w.sub_(basis[j - 1], alpha=beta[j - 1])
+        for _ in range(2):  # full reorthogonalisation; the second pass only when DGKS asks for it
+            before = float(torch.linalg.vector_norm(w))
+            coef = _project_out(w, [basis[:j + 1], locked])
+            alpha[j] += coef[j]
+            coef[j] = 0.0
+            extra[:j + 1, j] += coef[:j + 1]
+            extra[steps:, j] += coef[j + 1:]
+            beta[j] = float(torch.linalg.vector_norm(w))
+            if beta[j] >= DGKS * before:
+                break
+        krylov = Krylov(basis[:j + 1], alpha[:j + 1], beta[:j + 1],
+                        np.concatenate([extra[:j + 1, :j + 1], extra[steps:, :j + 1]]))
+        if krylov.invariant or j + 1 == steps or (stop is not None and stop(krylov)):
             return krylov
-        if stop is not None and (j + 1) % check_every == 0 and stop(krylov):
-            return krylov
-        q = w / beta[-1]
+        torch.div(w, beta[j], out=basis[j + 1])
     return krylov
 
 
@@ -95,7 +125,7 @@ class Eigenpairs:
 
     values: np.ndarray
     vectors: torch.Tensor  # (k, n), unit rows
-    residuals: np.ndarray  # ‖H x − θ x‖, from one extra product per value
+    residuals: np.ndarray  # ‖H x − θ x‖, from the run's recorded Lanczos relation (no extra products)
     converged: np.ndarray  # residual <= tol·‖H‖ (‖H‖: largest |Ritz value| seen), and the check run cleared it
     steps: int  # Lanczos steps, verification runs included
     verified: bool  # a deflated run from a fresh start found nothing beyond the k-th value
@@ -114,8 +144,8 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     MIN_CHECK_STEPS steps, as extreme eigenvalues are the first a Krylov space
     resolves); an eigenvalue it finds beyond θ_k replaces the k-th, and the
     check repeats. The check is skipped when the first run did not settle (the
-    values are then flagged unconverged anyway). Finally each Ritz pair's true
-    residual is measured.
+    values are then flagged unconverged anyway). Residuals come from each run's
+    recorded relation (see the module docstring), reorthogonalisation included.
     """
     sign = 1.0 if largest else -1.0
 
@@ -137,7 +167,7 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     scale[0] = max(scale[0], float(np.abs(theta).max()))
     order = np.argsort(-theta)[:k]
     settled_first = bool(np.all(est[order] <= tol * scale[0]))
-    values = list(theta[order])
+    values, residuals = list(theta[order]), list(est[order])
     vectors = torch.as_tensor(s[:, order].T, device=device) @ first.basis
     steps, verified = first.steps, False
     while verify and settled_first and len(values) == k and k < n:
@@ -149,8 +179,7 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
             below = kr.steps >= MIN_CHECK_STEPS and th[i] + est_[i] < kth
             return below or (th[i] > kth + tol * scale[0] and est_[i] <= tol * scale[0])
 
-        check = lanczos(op, random_start(n, generator, device), max_steps, locked=vectors, stop=decided,
-                        check_every=2)
+        check = lanczos(op, random_start(n, generator, device), max_steps, locked=vectors, stop=decided)
         steps += check.steps
         th2, s2, est2 = check.ritz()
         top = int(np.argmax(th2))
@@ -160,14 +189,14 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
         x = torch.as_tensor(s2[:, top], device=device) @ check.basis  # a missed eigenpair
         pos = int(np.searchsorted(-np.asarray(values), -th2[top]))
         values.insert(pos, float(th2[top]))
+        residuals.insert(pos, float(est2[top]))
         vectors = torch.cat([vectors[:pos], x[None], vectors[pos:]])[:k]
-        values = values[:k]
-    vals = np.asarray(values)
-    residuals = np.array([float(torch.linalg.vector_norm(op(x) - v * x)) for v, x in zip(vals, vectors)])
-    converged = residuals <= tol * scale[0]
+        values, residuals = values[:k], residuals[:k]
+    vals, res = np.asarray(values), np.asarray(residuals)
+    converged = res <= tol * scale[0]
     if verify and k < n:
         converged &= verified
-    return Eigenpairs(sign * vals, vectors, residuals, converged, steps, verified or k == n)
+    return Eigenpairs(sign * vals, vectors, res, converged, steps, verified or k == n)
 
 
 def quadrature(matvec: MatVec, start: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from curvscope.curvature.data_conv import data_convolutions
 from curvscope.errors import CurvscopeError
 from curvscope.sources.losses import LossFn
 
@@ -70,3 +71,13 @@ class Objective:
             raise CurvscopeError(f"the loss is {float(value.detach())} on batch {b}: curvature is undefined "
                                  "there (check the weights and the data for NaN, Inf or overflow).")
         return value
+
+    def gradient_with_graph(self, b: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∇L_b with its graph kept for differentiating again (zeros for tensors L_b does not use).
+
+        Convolutions of the data record a leaner graph (see data_conv); values are unchanged.
+        """
+        with data_convolutions(self.model):
+            loss = self.batch_loss(b)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -84,8 +84,8 @@ ROWS = {"triangular": _rows_triangular, "batched": _rows_batched}
 def batch_pseudo_hessian(obj: Objective, b: int, params: list[torch.Tensor], u: list[torch.Tensor],
                          u64: list[torch.Tensor], part: Partition, strategy: str) -> torch.Tensor:
     """H̄_b = Uᵀ H_b U for batch b (float64, S x S), u held fixed."""
-    grads = torch.autograd.grad(obj.batch_loss(b), params, create_graph=True, allow_unused=True)
-    z = part.group_scalars([None if g is None or not g.requires_grad else g * ui for g, ui in zip(grads, u)])
+    grads = obj.gradient_with_graph(b, params)
+    z = part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
     if all(t is None for t in z):  # the loss is linear in every parameter
         return torch.zeros(part.size, part.size, dtype=torch.float64, device=u64[0].device)
     return ROWS[strategy](z, params, u64, part)
