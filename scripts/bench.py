@@ -147,7 +147,7 @@ def bench_spectrum(name: str, repeat: int) -> list[dict]:
     t, ours = best_time(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5), repeat)
     rows.append({"model": name, "task": "top-5", "tool": "curvscope", "seconds": t,
                  "rel_error": _rel_error(ours.values, ref), "values": ours.values.tolist(),
-                 "note": f"{ours.steps} Lanczos steps + 5 residual products, converged {int(ours.converged.sum())}/5, "
+                 "note": f"{ours.steps} Lanczos steps (check run included), converged {int(ours.converged.sum())}/5, "
                          f"verified {ours.verified}"})
     for tool, fn in (("hessian-eigenthings", peers.eigenthings_top_k), ("PyHessian", peers.pyhessian_top_k)):
         res = min((fn(model, loss_fn, x, y, k=5) for _ in range(repeat)), key=lambda r: r.seconds)

@@ -215,7 +215,8 @@ def test_nondeterministic_model_warns(tmp_path: Path, monkeypatch: pytest.Monkey
     assert res.exit_code == 0 and "not deterministic" in res.output
 
 
-def test_sigterm_mid_run_exits_130_and_keeps_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_mid_run_exits_130_and_keeps_results(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "r.h5"
     assert run("analyse", write_tiny_bundle(tmp_path / "good.pt"), "-o", out, "--no-render",
                "--no-spectrum").exit_code == 0
@@ -223,8 +224,8 @@ def test_sigterm_mid_run_exits_130_and_keeps_results(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "curvscope", "analyse", str(SHIPPED), "-o", str(out),
                              "--no-render", "--lanczos-steps", "400"], cwd=tmp_path, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(8)
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(8)  # imports done, computing
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err

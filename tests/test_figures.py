@@ -13,6 +13,7 @@ from curvscope.figures.heatmaps import blocks, heatmap_figure
 from curvscope.figures.interactions import distance_figure, outlined_heatmap_figure, steps_figure
 from curvscope.figures.render import render
 from curvscope.figures.spectra import blocks_figure, density_figure
+from curvscope.figures.titles import trajectory_labels
 from curvscope.measures.density import gaussian_density
 from curvscope.store.hdf5 import read_results, write_records
 
@@ -60,6 +61,21 @@ def test_trajectory_with_shared_scale(stored, tmp_path: Path, tiny_bundle: Path)
     own = heatmap_figure([ck, later], "linear", shared_scale=False)
     heat = [ax for ax in own.axes if ax.get_title()]
     assert heat[3].collections[0].norm.vmax == pytest.approx(3 * heat[0].collections[0].norm.vmax)
+
+
+def test_trajectory_columns_are_named_by_epoch_when_known(stored) -> None:
+    _, ck = stored
+    import dataclasses
+    first = dataclasses.replace(ck, label="run_ep01", attrs={**ck.attrs, "epoch": 1})
+    later = dataclasses.replace(ck, label="run_ep21", attrs={**ck.attrs, "epoch": 21})
+    unknown = dataclasses.replace(ck, label="final", attrs={**ck.attrs, "epoch": -1})
+    assert trajectory_labels([first, later]) == ["epoch 1", "epoch 21"]
+    assert trajectory_labels([first, unknown]) == ["run_ep01", "final"]  # one epoch unknown: file stems
+    assert trajectory_labels([first, first]) == ["run_ep01", "run_ep01"]  # equal epochs would not tell them apart
+    fig = heatmap_figure([first, later], "linear")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0].startswith("epoch 1\n") and titles[3].startswith("epoch 21\n")
+    assert fig._suptitle.get_text().startswith("epoch 1 → epoch 21: ")
 
 
 def test_blocks_cut_weight_weight_bias_bias_weight_bias() -> None:

@@ -25,7 +25,7 @@ from matplotlib.colors import Normalize, SymLogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from curvscope.measures.normalized import normalized  # noqa: E402
-from curvscope.figures.titles import figure_title  # noqa: E402
+from curvscope.figures.titles import figure_title, trajectory_labels  # noqa: E402
 from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
 
 SCALES = ("linear", "symlog", "normalized")
@@ -122,17 +122,18 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
     ncols = npanels * len(checkpoints)
     fig, axes = plt.subplots(2, ncols, figsize=(size * ncols + 0.8, 2 * size + 0.3), squeeze=False,
                              layout="constrained")
-    for k, (ck, ck_rows) in enumerate(zip(checkpoints, rows)):
+    names = trajectory_labels(checkpoints)
+    for k, (ck_name, ck_rows) in enumerate(zip(names, rows)):
         for r, (name, panels) in enumerate(ck_rows):
             for c, panel in enumerate(panels):
                 ax = axes[r, k * npanels + c]
                 _draw(ax, panel, scale, limits.get((r, c)))
                 prefix = "N(" + name + ")" if scale == "normalized" else name
-                label = f"{ck.label}\n" if len(checkpoints) > 1 and r == 0 else ""
+                label = f"{ck_name}\n" if len(checkpoints) > 1 and r == 0 else ""
                 ax.set_title(f"{label}{prefix}: {panel.title}", fontsize=10)
     shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""
     head = (figure_title(checkpoints[0], "pseudo-Hessian and inverse") if len(checkpoints) == 1 else
-            " → ".join(ck.label for ck in checkpoints) + f": {checkpoints[0].attrs.get('model')} on "
+            " → ".join(names) + f": {checkpoints[0].attrs.get('model')} on "
             f"{checkpoints[0].attrs.get('dataset')}")
     fig.suptitle(f"{head} — {scale} scale{shared}", fontsize=11)
     return fig
