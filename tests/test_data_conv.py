@@ -79,12 +79,14 @@ def test_other_convolutions_and_inputs_keep_their_own_forward() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x) * 2
 
-    custom, plain = Custom(2, 2, 3), nn.Conv2d(2, 2, 3)
-    net = nn.Sequential(same, reflect, custom, plain)
+    custom, plain, own = Custom(2, 2, 3), nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3)
+    own.forward = lambda x: x  # the user's own instance forward stays, and stays after the block
+    net = nn.Sequential(same, reflect, custom, plain, own)
     with data_convolutions(net):
         assert "forward" in vars(plain)
         assert all("forward" not in vars(m) for m in (same, reflect, custom))
+        assert own(torch.ones(1)) == 1
         x = torch.randn(1, 2, 9, 9, requires_grad=True)  # an input that wants its gradient gets it
         (gx,) = torch.autograd.grad(plain(x).sum(), x)
         assert gx.abs().sum() > 0
-    assert all("forward" not in vars(m) for m in net)
+    assert all("forward" not in vars(m) for m in net if m is not own) and "forward" in vars(own)

@@ -78,8 +78,10 @@ class _DataConv(torch.autograd.Function):
 
 
 def _eligible(module: nn.Module) -> bool:
-    """Plain convolutions with zero padding given as numbers (subclasses may change forward)."""
-    return type(module) in _CONVS and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    """Plain convolutions with zero padding given as numbers, whose forward nobody replaced (a subclass
+    or an instance attribute may compute something else)."""
+    return (type(module) in _CONVS and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and "forward" not in vars(module))
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     sign = 1.0 if largest else -1.0
 
     def op(v: torch.Tensor) -> torch.Tensor:
-        return sign * matvec(v)
+        return matvec(v) if largest else matvec(v).neg_()  # in place: no second model-sized vector
 
     k = max(1, min(k, n))
     scale = [0.0]
