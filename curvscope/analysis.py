@@ -19,7 +19,7 @@ import torch
 from curvscope import __version__
 from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, HessianProducts
 from curvscope.curvature.newton_step import newton_step
-from curvscope.curvature.objective import Progress, no_progress
+from curvscope.curvature.objective import Objective, Progress, no_progress
 from curvscope.curvature.pseudo_hessian import pseudo_hessian
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.curvature.spectrum import DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS, spectrum
@@ -146,13 +146,11 @@ def determinism_warning(model: torch.nn.Module, loss_fn: LossFn, batch: tuple[to
     Curvature assumes a deterministic loss; dropout left active in eval mode, or
     a model that updates state in forward, breaks that.
     """
-    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    x, y = batch
-    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+    obj = Objective.create(copy.deepcopy(model).to(device=device, dtype=dtype).eval(), loss_fn, [batch])
     with torch.no_grad():
         try:
-            a, b = (float(loss_fn(net(x), y.to(device))) for _ in range(2))
-        except (RuntimeError, ValueError, IndexError):
+            a, b = (float(obj.batch_loss(0, finite=False)) for _ in range(2))
+        except CurvscopeError:
             return None  # the engines report evaluation errors themselves
     if a != b and not (math.isnan(a) and math.isnan(b)):
         return (f"two passes over the same batch gave different losses ({a!r} and {b!r}) in eval mode: "
