@@ -106,18 +106,19 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     data = build_dataset(ckpt.data["name"], options.split, data_kwargs)
     batches = analysis_batches(data, options.samples, options.batch_size,
                                seed=options.seed if options.random_subset else None)
-    warning = determinism_warning(ckpt.model, ckpt.loss_fn, batches[0], device, DTYPES[options.dtype])
-    pseudo = pseudo_hessian(ckpt.model, ckpt.loss_fn, batches, options.partition, device=device,
-                            dtype=DTYPES[options.dtype], strategy=options.strategy, progress=progress)
+    model = ckpt.model.to(device=device, dtype=DTYPES[options.dtype])  # placed once, not copied per engine
+    warning = determinism_warning(model, ckpt.loss_fn, batches[0])
+    pseudo = pseudo_hessian(model, ckpt.loss_fn, batches, options.partition, strategy=options.strategy,
+                            progress=progress)
     step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
     inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr, step.inverse,
                          pseudo.kinds, pseudo.layers, step.positive_definite)
-    _, after = loss_after_steps(ckpt.model, ckpt.loss_fn, batches, options.partition,
-                                [st.learning_rates for st in inter.steps], device=device, dtype=DTYPES[options.dtype])
+    _, after = loss_after_steps(model, ckpt.loss_fn, batches, options.partition,
+                                [st.learning_rates for st in inter.steps])
     spec = None
     if options.spectrum:
-        with HessianProducts.create(ckpt.model, ckpt.loss_fn, batches, max_memory=options.max_memory,
-                                    device=device, dtype=DTYPES[options.dtype], progress=progress) as hp:
+        with HessianProducts.create(model, ckpt.loss_fn, batches, max_memory=options.max_memory,
+                                    progress=progress) as hp:
             spec = spectrum(hp, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                             slq_runs=options.slq_runs, slq_steps=options.lanczos_steps,
                             trace_matvecs=options.trace_matvecs, seed=options.seed, progress=progress)
@@ -139,14 +140,14 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     return AnalysisRecord(label or default_label(path), attrs, pseudo, step, inter, after, spec)
 
 
-def determinism_warning(model: torch.nn.Module, loss_fn: LossFn, batch: tuple[torch.Tensor, torch.Tensor],
-                        device: torch.device, dtype: torch.dtype) -> str | None:
+def determinism_warning(model: torch.nn.Module, loss_fn: LossFn,
+                        batch: tuple[torch.Tensor, torch.Tensor]) -> str | None:
     """A warning when two eval-mode passes over the same batch give different losses (else None).
 
     Curvature assumes a deterministic loss; dropout left active in eval mode, or
     a model that updates state in forward, breaks that.
     """
-    obj = Objective.create(copy.deepcopy(model).to(device=device, dtype=dtype).eval(), loss_fn, [batch])
+    obj = Objective.create(copy.deepcopy(model).eval(), loss_fn, [batch])  # a copy: forward may update state
     with torch.no_grad():
         try:
             a, b = (float(obj.batch_loss(0, finite=False)) for _ in range(2))

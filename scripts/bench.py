@@ -20,8 +20,10 @@ float64 Hessian-vector products for LeNet-5, tol 1e-6 on float32 ones for VGG-11
     python scripts/bench.py                          # both suites, both models, writes reports/bench/
     python scripts/bench.py --suites spectrum --models lenet5
 
-Timings are the best of --repeat runs after one warm-up batch; torch uses
---threads threads (default: all cores).
+Timings are the best of --repeat runs: the pseudo-Hessian suite's after one
+warm-up batch; the spectrum suite's tools take turns in every round, so that a
+slow spell of a shared machine hits them alike. torch uses --threads threads
+(default: all cores).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -130,6 +133,27 @@ def _rel_error(values: np.ndarray | None, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(values)[:len(ref)] - ref) / np.abs(ref)))
 
 
+def _timed_ours(fn: Callable[[], object]) -> Callable[[], SimpleNamespace]:
+    """`fn` timed, shaped like a peer's result (`.seconds`, `.result`)."""
+    def run() -> SimpleNamespace:
+        start = time.perf_counter()
+        out = fn()
+        return SimpleNamespace(seconds=time.perf_counter() - start, result=out)
+    return run
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, object]:
+    """The fastest of `repeat` results of each run (by `.seconds`), the runs taking turns in every round so
+    that a slow spell of a shared machine hits every tool alike."""
+    best: dict[str, object] = {}
+    for _ in range(repeat):
+        for tool, fn in runs.items():
+            out = fn()
+            if tool not in best or out.seconds < best[tool].seconds:
+                best[tool] = out
+    return best
+
+
 def bench_spectrum(name: str, repeat: int) -> list[dict]:
     """Top-5 and SLQ density by curvscope and the peers on one batch, against eigsh in float64."""
     import peers  # scripts/peers.py: the peer libraries, imported only for this suite
@@ -144,22 +168,28 @@ def bench_spectrum(name: str, repeat: int) -> list[dict]:
     ref_name = f"reference ({str(REFERENCE_DTYPE[name]).removeprefix('torch.')} eigsh, tol {REFERENCE_TOL[name]:g})"
     rows = [{"model": name, "task": "top-5", "tool": ref_name, "seconds": t_ref,
              "rel_error": 0.0, "values": ref.tolist(), "note": ""}]
-    t, ours = best_time(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5), repeat)
-    rows.append({"model": name, "task": "top-5", "tool": "curvscope", "seconds": t,
-                 "rel_error": _rel_error(ours.values, ref), "values": ours.values.tolist(),
-                 "note": f"{ours.steps} Lanczos steps (check run included), converged {int(ours.converged.sum())}/5, "
-                         f"verified {ours.verified}"})
-    for tool, fn in (("hessian-eigenthings", peers.eigenthings_top_k), ("PyHessian", peers.pyhessian_top_k)):
-        res = min((fn(model, loss_fn, x, y, k=5) for _ in range(repeat)), key=lambda r: r.seconds)
+    top = interleaved({"curvscope": _timed_ours(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5)),
+                       "hessian-eigenthings": lambda: peers.eigenthings_top_k(model, loss_fn, x, y, k=5),
+                       "PyHessian": lambda: peers.pyhessian_top_k(model, loss_fn, x, y, k=5)}, repeat)
+    ours = top.pop("curvscope")
+    rows.append({"model": name, "task": "top-5", "tool": "curvscope", "seconds": ours.seconds,
+                 "rel_error": _rel_error(ours.result.values, ref), "values": ours.result.values.tolist(),
+                 "note": f"{ours.result.steps} Lanczos steps (check run included), "
+                         f"converged {int(ours.result.converged.sum())}/5, verified {ours.result.verified}"})
+    for tool, res in top.items():
         rows.append({"model": name, "task": "top-5", "tool": tool, "seconds": res.seconds,
                      "rel_error": _rel_error(res.values, ref), "values": None if res.values is None else
                      res.values.tolist(), "note": res.error or res.note})
-    t, dens = best_time(lambda: spectral_density(model, loss_fn, [(x, y)], runs=1, steps=100), repeat)
-    rows.append({"model": name, "task": "density 1x100", "tool": "curvscope", "seconds": t,
-                 "rel_error": _rel_error(np.sort(dens.nodes[np.isfinite(dens.nodes)])[::-1], ref),
+    density = interleaved(
+        {"curvscope": _timed_ours(lambda: spectral_density(model, loss_fn, [(x, y)], runs=1, steps=100)),
+         "hessian-eigenthings": lambda: peers.eigenthings_density(model, loss_fn, x, y, runs=1, steps=100),
+         "PyHessian": lambda: peers.pyhessian_density(model, loss_fn, x, y, runs=1, steps=100)}, repeat)
+    ours = density.pop("curvscope")
+    nodes = ours.result.nodes
+    rows.append({"model": name, "task": "density 1x100", "tool": "curvscope", "seconds": ours.seconds,
+                 "rel_error": _rel_error(np.sort(nodes[np.isfinite(nodes)])[::-1], ref),
                  "values": None, "note": "rel. error: its top 5 nodes against the reference"})
-    for tool, fn in (("hessian-eigenthings", peers.eigenthings_density), ("PyHessian", peers.pyhessian_density)):
-        res = min((fn(model, loss_fn, x, y, runs=1, steps=100) for _ in range(repeat)), key=lambda r: r.seconds)
+    for tool, res in density.items():
         rows.append({"model": name, "task": "density 1x100", "tool": tool, "seconds": res.seconds,
                      "rel_error": _rel_error(res.values, ref), "values": None,
                      "note": res.error or "rel. error: its top 5 nodes against the reference"})

@@ -49,12 +49,12 @@ class BlockOperator:
     names: list[str]
     dim: int
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H_BB v (float64 in, float64 out)."""
-        return self.products.block_product(self.indices, v)
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H_BB v in float64 (v rounded to the model's dtype), written into `out` when given."""
+        return self.products.block_product(self.indices, v, out)
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v)
+    def __call__(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.matvec(v, out)
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +93,7 @@ class HessianProducts:
         if mode == "cached":
             hp._graphs = [first]
             for b in range(1, len(obj.batches)):
-                hp._graphs.append(hp._batch_grads(b))
+                hp._graphs.append(obj.gradient_with_graph(b, params))
                 progress("graphs", b + 1, len(obj.batches))
         return hp
 
@@ -111,9 +111,6 @@ class HessianProducts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _batch_grads(self, b: int) -> list[torch.Tensor]:
-        return self.obj.gradient_with_graph(b, self.params)
 
     def groups(self) -> dict[str, list[int]]:
         """Every nameable block: each tensor by name, each layer (module with several tensors) by name."""
@@ -137,23 +134,24 @@ class HessianProducts:
         return BlockOperator(self, indices, [self.names[i] for i in indices],
                              sum(self.params[i].numel() for i in indices))
 
-    def block_product(self, indices: list[int], v: torch.Tensor) -> torch.Tensor:
-        """H_BB v for the tensors `indices`, accumulated in float64 over the batches."""
+    def block_product(self, indices: list[int], v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H_BB v for the tensors `indices`, accumulated in float64 over the batches, into `out` when
+        given (a new vector of a large model's size costs page faults)."""
         chunks, start = [], 0
         for i in indices:
             p = self.params[i]
             chunks.append(v[start:start + p.numel()].reshape(p.shape).to(p.dtype))
             start += p.numel()
-        out = torch.zeros_like(v, dtype=torch.float64)
+        out = torch.zeros_like(v, dtype=torch.float64) if out is None else out.zero_()
         for b, w in enumerate(self.obj.weights):
-            grads = self._graphs[b] if self.mode == "cached" else self._batch_grads(b)
+            grads = self._graphs[b] if self.mode == "cached" else self.obj.gradient_with_graph(b, self.params)
             outs = [grads[i] for i in indices]
             if not any(o.requires_grad for o in outs):
                 continue  # the loss is linear in this block
             hv = torch.autograd.grad(outs, [self.params[i] for i in indices], grad_outputs=chunks,
                                      retain_graph=self.mode == "cached", allow_unused=True)
             start = 0
-            for h, c in zip(hv, chunks):  # accumulated in place: a new model-sized vector costs page faults
+            for h, c in zip(hv, chunks):
                 if h is not None:
                     out[start:start + c.numel()].add_(h.reshape(-1), alpha=w)
                 start += c.numel()

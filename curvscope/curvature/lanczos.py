@@ -16,13 +16,19 @@ another product.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+class MatVec(Protocol):
+    """v ↦ H v for a symmetric H, in float64: written into `out` when given, else a new tensor."""
+
+    def __call__(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 MIN_CHECK_STEPS = 8  # the check run's Krylov space must be at least this large before it can clear
 BREAKDOWN = 1e-12  # β_j <= BREAKDOWN·max|α|: the Krylov space is invariant, the Ritz values are exact
 DGKS = 2 ** -0.5  # reorthogonalise again when a pass leaves less than this fraction of the vector's norm
@@ -71,14 +77,15 @@ def lanczos(matvec: MatVec, start: torch.Tensor, steps: int, *, locked: torch.Te
     """Up to `steps` Lanczos steps from `start`, kept orthogonal to the rows of `locked`.
 
     `stop(krylov)` is asked after every step; the run also ends when the
-    Krylov space becomes invariant. `matvec` must return a new tensor (it is
-    overwritten).
+    Krylov space becomes invariant. Every product is written into one
+    vector: a new vector of a large model's size costs page faults.
     """
     n = start.numel()
     locked = torch.zeros(0, n, dtype=torch.float64, device=start.device) if locked is None else locked
     n_locked = locked.shape[0]
     steps = max(1, min(steps, n - n_locked))
     basis = torch.empty(steps, n, dtype=torch.float64, device=start.device)
+    w = torch.empty(n, dtype=torch.float64, device=start.device)
     extra = np.zeros((steps + n_locked, steps))
     basis[0] = start
     for _ in range(2):
@@ -87,7 +94,7 @@ def lanczos(matvec: MatVec, start: torch.Tensor, steps: int, *, locked: torch.Te
     alpha, beta = np.zeros(steps), np.zeros(steps)
     for j in range(steps):
         q = basis[j]
-        w = matvec(q)
+        matvec(q, w)
         alpha[j] = float(q @ w)
         w.sub_(q, alpha=alpha[j])
         if j:
@@ -149,8 +156,8 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     """
     sign = 1.0 if largest else -1.0
 
-    def op(v: torch.Tensor) -> torch.Tensor:
-        return matvec(v) if largest else matvec(v).neg_()  # in place: no second model-sized vector
+    def op(v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return matvec(v, out) if largest else matvec(v, out).neg_()  # in place: no second model-sized vector
 
     k = max(1, min(k, n))
     scale = [0.0]
