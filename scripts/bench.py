@@ -84,13 +84,31 @@ def hand_written(model: torch.nn.Module, loss_fn: Callable, batches: list) -> np
     return 0.5 * (hbar + hbar.T)
 
 
-def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
+def timed(fn: Callable[[], object]) -> Callable[[], SimpleNamespace]:
+    """`fn` timed, shaped like a peer's result (`.seconds`, `.result`)."""
+    def run() -> SimpleNamespace:
         start = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        return SimpleNamespace(seconds=time.perf_counter() - start, result=out)
+    return run
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, object]:
+    """The fastest of `repeat` results of each run (by `.seconds`), the runs taking turns in every round so
+    that a slow spell of a shared machine hits every tool alike."""
+    best: dict[str, object] = {}
+    for _ in range(repeat):
+        for tool, fn in runs.items():
+            out = fn()
+            if tool not in best or out.seconds < best[tool].seconds:
+                best[tool] = out
+    return best
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    """The best time of `repeat` calls of `fn`, and the result of that call."""
+    best = interleaved({"": timed(fn)}, repeat)[""]
+    return best.seconds, best.result
 
 
 def bench_pseudo_hessian(name: str, repeat: int, strategies: list[str]) -> dict:
@@ -133,27 +151,6 @@ def _rel_error(values: np.ndarray | None, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(values)[:len(ref)] - ref) / np.abs(ref)))
 
 
-def _timed_ours(fn: Callable[[], object]) -> Callable[[], SimpleNamespace]:
-    """`fn` timed, shaped like a peer's result (`.seconds`, `.result`)."""
-    def run() -> SimpleNamespace:
-        start = time.perf_counter()
-        out = fn()
-        return SimpleNamespace(seconds=time.perf_counter() - start, result=out)
-    return run
-
-
-def interleaved(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, object]:
-    """The fastest of `repeat` results of each run (by `.seconds`), the runs taking turns in every round so
-    that a slow spell of a shared machine hits every tool alike."""
-    best: dict[str, object] = {}
-    for _ in range(repeat):
-        for tool, fn in runs.items():
-            out = fn()
-            if tool not in best or out.seconds < best[tool].seconds:
-                best[tool] = out
-    return best
-
-
 def bench_spectrum(name: str, repeat: int) -> list[dict]:
     """Top-5 and SLQ density by curvscope and the peers on one batch, against eigsh in float64."""
     import peers  # scripts/peers.py: the peer libraries, imported only for this suite
@@ -168,7 +165,7 @@ def bench_spectrum(name: str, repeat: int) -> list[dict]:
     ref_name = f"reference ({str(REFERENCE_DTYPE[name]).removeprefix('torch.')} eigsh, tol {REFERENCE_TOL[name]:g})"
     rows = [{"model": name, "task": "top-5", "tool": ref_name, "seconds": t_ref,
              "rel_error": 0.0, "values": ref.tolist(), "note": ""}]
-    top = interleaved({"curvscope": _timed_ours(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5)),
+    top = interleaved({"curvscope": timed(lambda: eigenvalues(model, loss_fn, [(x, y)], k=5)),
                        "hessian-eigenthings": lambda: peers.eigenthings_top_k(model, loss_fn, x, y, k=5),
                        "PyHessian": lambda: peers.pyhessian_top_k(model, loss_fn, x, y, k=5)}, repeat)
     ours = top.pop("curvscope")
@@ -181,7 +178,7 @@ def bench_spectrum(name: str, repeat: int) -> list[dict]:
                      "rel_error": _rel_error(res.values, ref), "values": None if res.values is None else
                      res.values.tolist(), "note": res.error or res.note})
     density = interleaved(
-        {"curvscope": _timed_ours(lambda: spectral_density(model, loss_fn, [(x, y)], runs=1, steps=100)),
+        {"curvscope": timed(lambda: spectral_density(model, loss_fn, [(x, y)], runs=1, steps=100)),
          "hessian-eigenthings": lambda: peers.eigenthings_density(model, loss_fn, x, y, runs=1, steps=100),
          "PyHessian": lambda: peers.pyhessian_density(model, loss_fn, x, y, runs=1, steps=100)}, repeat)
     ours = density.pop("curvscope")
