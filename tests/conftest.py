@@ -40,6 +40,21 @@ class NormNet(nn.Module):
         return self.fc2(F.gelu(self.norm(self.fc1(x))))
 
 
+class PoolNet(nn.Module):
+    """Conv → in-place ReLU → max pooling (overlapping windows, padding, ceil mode) → Linear, as modules:
+    piecewise-linear layers (zero second derivative almost everywhere) and an in-place activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(self.pool(self.act(self.conv(x))).flatten(1)), dim=1)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
 
@@ -71,6 +86,9 @@ def make_case(name: str, n: int = 12, seed: int = 0) -> Case:
                     torch.randint(0, 3, (n,)))
     if name == "cnn":
         return Case(SmallCNN().double(), F.nll_loss, torch.randn(n, 2, 8, 8, dtype=torch.float64),
+                    torch.randint(0, 4, (n,)))
+    if name == "pool":
+        return Case(PoolNet().double(), F.nll_loss, torch.randn(n, 2, 8, 8, dtype=torch.float64),
                     torch.randint(0, 4, (n,)))
     if name == "layernorm":
         return Case(NormNet().double(), F.cross_entropy, torch.randn(n, 5, dtype=torch.float64),
@@ -109,7 +127,7 @@ def dense(case: Case, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = 
     return Dense(h, g, slices)
 
 
-@pytest.fixture(params=["mlp", "cnn", "layernorm"])
+@pytest.fixture(params=["mlp", "cnn", "pool", "layernorm"])
 def case(request: pytest.FixtureRequest) -> Case:
     return make_case(request.param)
 
