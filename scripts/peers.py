@@ -40,9 +40,17 @@ def _fresh(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn
     clone = copy.deepcopy(model).eval()
     if dtype is not None:
         clone = clone.to(dtype)
-    for p in clone.parameters():
-        p.grad = None
+    _drop_grads(clone)
     return clone
+
+
+def _drop_grads(model: torch.nn.Module) -> None:
+    """Set every `.grad` to None. PyHessian's `backward(create_graph=True)` leaves each parameter's
+    `.grad` holding its graph, a parameter <-> grad reference cycle through C++ that Python's
+    garbage collector cannot free: without this, every PyHessian run would leak its model copy
+    and graph for the rest of the benchmark."""
+    for p in model.parameters():
+        p.grad = None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,7 +155,10 @@ def pyhessian_top_k(model: torch.nn.Module, criterion: Criterion, inputs: torch.
         values, _ = h.eigenvalues(top_n=k)
         return _descending(values), f"eigenvalues(maxIter=100, tol=1e-3, top_n={k}): power iteration"
 
-    return _timed(run, seed)
+    try:
+        return _timed(run, seed)
+    finally:
+        _drop_grads(net)
 
 
 def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torch.Tensor,
@@ -163,7 +174,10 @@ def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torc
         flat = np.concatenate([np.asarray(n, dtype=np.float64) for n in nodes])
         return _descending(flat), f"density(iter={steps}, n_v={runs}): values = {flat.size} SLQ nodes"
 
-    return _timed(run, seed)
+    try:
+        return _timed(run, seed)
+    finally:
+        _drop_grads(net)
 
 
 # --------------------------------------------------------------------------- reference
