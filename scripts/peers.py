@@ -58,17 +58,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _timed(fn: Callable[[], tuple[np.ndarray | None, str]], seed: int) -> PeerResult:
-    """Run `fn` under a forked, seeded torch RNG; time it; turn an exception into `error`."""
+def _timed(fn: Callable[[], tuple[np.ndarray | None, str]], seed: int, net: torch.nn.Module) -> PeerResult:
+    """Run `fn` on the peer's copy `net` under a forked, seeded torch RNG; time it; turn an exception
+    into `error`; then, untimed, drop `net`'s grads (see `_drop_grads`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         start = time.perf_counter()
         try:
-            values, note = fn()
+            (values, note), error = fn(), None
         except Exception as exc:  # noqa: BLE001 - peers fail in many ways; report, don't raise
-            return PeerResult(None, time.perf_counter() - start, _one_line(exc), "failed")
+            values, note, error = None, "failed", _one_line(exc)
         seconds = time.perf_counter() - start
-    return PeerResult(values, seconds, None, note)
+    _drop_grads(net)
+    return PeerResult(values, seconds, error, note)
 
 
 def _descending(values: torch.Tensor | list[float]) -> np.ndarray:
@@ -107,7 +109,7 @@ def eigenthings_top_k(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.
             f"lanczos(k={k}, max_iter={steps}, which='LA', tol=1e-4): {res.iterations} steps, "
             f"{conv}/{k} Ritz pairs flagged converged, dtype {op.dtype}")
 
-    return _timed(run, seed)
+    return _timed(run, seed, net)
 
 
 def eigenthings_density(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Tensor,
@@ -132,7 +134,7 @@ def eigenthings_density(model: torch.nn.Module, loss_fn: Criterion, inputs: torc
             f"SLQ nodes (weights and a {res.grid.numel()}-point smoothed density, sigma={res.sigma:.3g}, "
             f"also returned), dtype {op.dtype}")
 
-    return _timed(run, seed)
+    return _timed(run, seed, net)
 
 
 # --------------------------------------------------------------------------- PyHessian
@@ -155,10 +157,7 @@ def pyhessian_top_k(model: torch.nn.Module, criterion: Criterion, inputs: torch.
         values, _ = h.eigenvalues(top_n=k)
         return _descending(values), f"eigenvalues(maxIter=100, tol=1e-3, top_n={k}): power iteration"
 
-    try:
-        return _timed(run, seed)
-    finally:
-        _drop_grads(net)
+    return _timed(run, seed, net)
 
 
 def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torch.Tensor,
@@ -174,10 +173,7 @@ def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torc
         flat = np.concatenate([np.asarray(n, dtype=np.float64) for n in nodes])
         return _descending(flat), f"density(iter={steps}, n_v={runs}): values = {flat.size} SLQ nodes"
 
-    try:
-        return _timed(run, seed)
-    finally:
-        _drop_grads(net)
+    return _timed(run, seed, net)
 
 
 # --------------------------------------------------------------------------- reference
