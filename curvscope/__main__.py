@@ -1,4 +1,4 @@
 """`python -m curvscope` runs the command line."""
-from curvscope.cli.main import main
+from curvscope.cli.entry import run
 
-main(prog_name="curvscope")
+run()

@@ -17,48 +17,23 @@ import numpy as np
 import torch
 
 from curvscope import __version__
-from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, HessianProducts
 from curvscope.curvature.newton_step import newton_step
 from curvscope.curvature.objective import Objective, Progress, no_progress
-from curvscope.curvature.pseudo_hessian import pseudo_hessian
+from curvscope.curvature.kinds import record_label
+from curvscope.curvature.operator import full_gradient
+from curvscope.curvature.partition import make_partition
+from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.step_loss import loss_after_steps
-from curvscope.curvature.spectrum import DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS, spectrum
+from curvscope.curvature.spectrum import spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import Interactions, interactions
 from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
+from curvscope.settings import AnalysisOptions
 from curvscope.sources.losses import LossFn
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class AnalysisOptions:
-    """What to analyse and how; the CLI fills it from its flags."""
-
-    samples: int | None = None  # None: the whole split
-    batch_size: int = 256
-    partition: str = "canonical"
-    split: str = "train"
-    seed: int = 0
-    random_subset: bool = False  # the `samples` drawn at random with `seed` instead of the first ones
-    device: str = "cpu"
-    dtype: str = "float32"
-    strategy: str = "auto"
-    model: str | None = None
-    model_kwargs: dict | None = None
-    data: str | None = None
-    data_kwargs: dict | None = None
-    loss: str | None = None
-    trust_checkpoint: bool = False
-    spectrum: bool = True
-    top_k: int = 5
-    lanczos_steps: int = DEFAULT_STEPS
-    lanczos_tol: float = DEFAULT_TOL
-    slq_runs: int = 1
-    trace_matvecs: int = DEFAULT_TRACE_MATVECS
-    max_memory: int = DEFAULT_MAX_MEMORY
 
 
 @dataclass(frozen=True)
@@ -86,10 +61,56 @@ def resolve_device(name: str) -> torch.device:
 
 
 def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | None = None,
-                       progress: Progress = no_progress) -> AnalysisRecord:
-    """Load `path`; compute ḡ, H̄, H̄⁻¹, the Newton step, the interaction measures with the actual
-    loss after each step, and (unless turned off) the spectra."""
+                       progress: Progress = no_progress) -> list[AnalysisRecord]:
+    """Load `path`; for each of `options.curvatures`, compute ḡ, C̄, C̄⁻¹, the Newton step, the interaction
+    measures with the actual loss after each step, and (unless turned off) the spectra: one record each.
+
+    The checkpoint, the data and the full gradient u are prepared once and shared by the curvatures.
+    """
     start = time.perf_counter()
+    ckpt, batches, model, device = _prepare(path, options)
+    common = {
+        "source": str(Path(path).resolve()), "sha256": ckpt.sha256, "model": ckpt.model_name,
+        "model_kwargs": _json(ckpt.model_kwargs), "dataset": ckpt.data["name"],
+        "dataset_kwargs": _json(ckpt.data.get("kwargs", {})), "split": options.split,
+        "batch_size": options.batch_size, "loss": ckpt.loss, "epoch": ckpt.epoch, "direction": "gradient",
+        "seed": options.seed, "subset": "random (seeded)" if options.random_subset else "first",
+        "device": str(device), "dtype": options.dtype, "torch_version": str(torch.__version__),
+        "curvscope_version": __version__,
+        "frozen": ", ".join(n for n, p in ckpt.model.named_parameters() if not p.requires_grad),
+        "determinism_warning": determinism_warning(model, ckpt.loss_fn, batches[0]) or "",
+        "attention": attention_note(model),
+    }
+    part = make_partition(model, options.partition)
+    gradient = None
+    records = []
+    for curvature in options.curvatures:
+        with curvature_operator(model, ckpt.loss_fn, batches, curvature, max_memory=options.max_memory,
+                                progress=progress) as op:
+            gradient = gradient or full_gradient(op.obj, op.params, progress)
+            pseudo = op.projection(part, strategy=options.strategy, gradient=gradient, progress=progress)
+            step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
+            inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr,
+                                 step.inverse, pseudo.kinds, pseudo.layers, step.positive_definite)
+            pseudo_s = time.perf_counter() - start
+            spec = None if not options.spectrum else spectrum(
+                op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
+                slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
+                seed=options.seed, progress=progress)
+        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [st.learning_rates for st in inter.steps])
+        attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
+                 "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
+                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "pseudo_s": pseudo_s, "elapsed_s": time.perf_counter() - start}
+        records.append(AnalysisRecord(record_label(label or default_label(path), curvature), attrs, pseudo, step,
+                                      inter, after, spec))
+        start = time.perf_counter()
+    return records
+
+
+def _prepare(path: str | Path, options: AnalysisOptions,
+             ) -> tuple[Checkpoint, list[tuple[torch.Tensor, torch.Tensor]], torch.nn.Module, torch.device]:
+    """The checkpoint, its analysis batches, its model placed on the device in the dtype, and the device."""
     if options.dtype not in DTYPES:
         raise CurvscopeError(f"unknown dtype {options.dtype!r}: use float32 or float64.")
     device = resolve_device(options.device)
@@ -99,6 +120,10 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
                                        loss=options.loss, data=data_spec, trust=options.trust_checkpoint)
     if not ckpt.data.get("name"):
         raise CurvscopeError(f"{str(path)!r} does not record its data set: name one with --data.")
+    dim = sum(p.numel() for p in ckpt.model.parameters() if p.requires_grad)
+    if options.spectrum and options.top_k > dim:
+        raise CurvscopeError(f"--top-k {options.top_k} asks for more eigenvalues at each end than the model's "
+                             f"{dim} trainable parameters give: lower --top-k to at most {dim}.")
     torch.manual_seed(options.seed)
     data_kwargs = dict(ckpt.data.get("kwargs") or {})
     if options.data is None and options.data_kwargs:  # e.g. --data-root for the recorded data set
@@ -107,37 +132,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     batches = analysis_batches(data, options.samples, options.batch_size,
                                seed=options.seed if options.random_subset else None)
     model = ckpt.model.to(device=device, dtype=DTYPES[options.dtype])  # placed once, not copied per engine
-    warning = determinism_warning(model, ckpt.loss_fn, batches[0])
-    pseudo = pseudo_hessian(model, ckpt.loss_fn, batches, options.partition, strategy=options.strategy,
-                            progress=progress)
-    step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
-    inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr, step.inverse,
-                         pseudo.kinds, pseudo.layers, step.positive_definite)
-    _, after = loss_after_steps(model, ckpt.loss_fn, batches, options.partition,
-                                [st.learning_rates for st in inter.steps])
-    spec = None
-    if options.spectrum:
-        with HessianProducts.create(model, ckpt.loss_fn, batches, max_memory=options.max_memory,
-                                    progress=progress) as hp:
-            spec = spectrum(hp, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
-                            slq_runs=options.slq_runs, slq_steps=options.lanczos_steps,
-                            trace_matvecs=options.trace_matvecs, seed=options.seed, progress=progress)
-    attrs = {
-        "source": str(Path(path).resolve()), "sha256": ckpt.sha256, "model": ckpt.model_name,
-        "model_kwargs": _json(ckpt.model_kwargs), "dataset": ckpt.data["name"],
-        "dataset_kwargs": _json(ckpt.data.get("kwargs", {})), "split": options.split,
-        "n_samples": pseudo.n_samples, "batch_size": options.batch_size, "n_batches": pseudo.n_batches,
-        "loss": ckpt.loss, "loss_value": pseudo.loss, "epoch": ckpt.epoch, "curvature": "hessian",
-        "direction": "gradient", "partition": pseudo.partition, "seed": options.seed,
-        "subset": "random (seeded)" if options.random_subset else "first",
-        "device": str(device), "dtype": options.dtype, "strategy": pseudo.strategy,
-        "torch_version": str(torch.__version__), "curvscope_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": time.perf_counter() - start,
-        "frozen": ", ".join(n for n, p in ckpt.model.named_parameters() if not p.requires_grad),
-        "determinism_warning": warning or "",
-    }
-    return AnalysisRecord(label or default_label(path), attrs, pseudo, step, inter, after, spec)
+    return ckpt, batches, model, device
 
 
 def determinism_warning(model: torch.nn.Module, loss_fn: LossFn,
@@ -158,6 +153,16 @@ def determinism_warning(model: torch.nn.Module, loss_fn: LossFn,
                 f"the model is not deterministic (dropout or state updated in forward?), so the curvature "
                 f"is of a random function.")
     return None
+
+
+def attention_note(model: torch.nn.Module) -> str:
+    """What the output says of attention: the curvature passes ran its math backend (see Objective), or ""."""
+    found = [name for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)
+             or type(m).__name__.lower().endswith(("attention", "selfattention", "attn"))]
+    if not found:
+        return ""
+    return (f"attention ({len(found)} module{'s' if len(found) > 1 else ''}, e.g. {found[0] or 'the model'}) ran "
+            f"under PyTorch's math backend: its fused kernels have no second derivative; values are the same")
 
 
 def default_label(path: str | Path) -> str:

@@ -1,21 +1,29 @@
 """The block-diagonal audit: is a per-layer (or per-tensor) curvature approximation valid here?
 
-Made from a stored results file alone. For each approximation A (``layer`` or
-``tensor`` blocks) of M ∈ {H̄ (``hessian``), H̄⁻¹ (``inverse``)}: valid when
-the step efficiency e = q(η_A)/q* ≥ 1 − tolerance; when e is undefined (H̄ not
-positive definite), when the off-block ratio r_A(M) ≤ tolerance. The rule
-that decided is reported with the verdict.
+Made from a stored results file alone, for whichever curvature C each stored
+record holds (the Hessian H, the GGN G or the empirical Fisher F). For each
+approximation A (``layer`` or ``tensor`` blocks) of M ∈ {C̄ (``matrix``), C̄⁻¹
+(``inverse``)}: valid when the step efficiency e = q(η_A)/q* ≥ 1 − tolerance;
+when e is undefined (C̄ not positive definite), when the off-block ratio
+r_A(M) ≤ tolerance. The rule that decided is reported with the verdict, and
+the verdict names the matrix.
 
-JSON (``format: "curvscope-audit"``, ``version: 1``; NaN is written as null)::
+JSON (``format: "curvscope-audit"``, ``version: 2``; NaN and infinities are written as null)::
 
     {"format", "version", "tolerance", "valid",
-     "checkpoints": [{"label", "results", "source", "positive_definite", "efficiency",
+     "checkpoints": [{"label", "results", "source", "curvature", "matrix", "positive_definite", "efficiency",
                       "significant_pairs", "pairs", "valid",
                       "newton": {"predicted_decrease", "actual_decrease"},
                       "cauchy": {"predicted_decrease", "actual_decrease", "efficiency"},
                       "approximations": [{"approximation", "of", "off_block_ratio": {part: r},
                                           "efficiency", "predicted_decrease", "actual_decrease",
-                                          "rule", "valid"}]}]}
+                                          "rule", "verdict", "valid"}]}]}
+
+``curvature`` is "hessian", "ggn" or "fisher" and ``matrix`` its symbol (H̄, Ḡ, F̄); ``of`` is
+"matrix" or "inverse" (version 1 said "hessian" for "matrix" and had neither ``curvature`` nor
+``matrix`` nor ``verdict``). ``verdict`` is "valid", "not valid" or "undefined" (neither the
+efficiency nor the off-block ratio is defined, e.g. when a diagonal entry of C̄ is zero);
+``valid`` is true only for "valid", and the exit code is 0 only when every verdict is.
 """
 from __future__ import annotations
 
@@ -25,17 +33,20 @@ from typing import Sequence
 
 import numpy as np
 
+from curvscope.curvature.kinds import curvature_kind
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import GROUPINGS, PARTS
 from curvscope.store.hdf5 import StoredCheckpoint
 
-FORMAT, VERSION = "curvscope-audit", 1
-MATRICES = ("hessian", "inverse")
+FORMAT, VERSION = "curvscope-audit", 2
+MATRICES = ("matrix", "inverse")
+STORED = {"matrix": "hessian", "inverse": "inverse"}  # their names in the results file's interactions/ group
+VALID, NOT_VALID, UNDEFINED = "valid", "not valid", "undefined"
 
 
 def _num(x: float) -> float | None:
     x = float(x)
-    return None if math.isnan(x) else x
+    return x if math.isfinite(x) else None  # JSON has no NaN or infinity
 
 
 def _step(ck: StoredCheckpoint, kind: str, grouping: str = "") -> dict:
@@ -46,34 +57,49 @@ def _step(ck: StoredCheckpoint, kind: str, grouping: str = "") -> dict:
             "efficiency": _num(ck["interactions/steps/efficiency"][i])}
 
 
+def _positive_definite(ck: StoredCheckpoint) -> bool:
+    """Whether H̄ is positive definite: the stored flag, confirmed on the stored matrix (a NaN H̄ never is)."""
+    h = np.asarray(ck["pseudo_hessian"], dtype=np.float64)
+    if not (bool(ck.data_attrs.get("interactions", {}).get("positive_definite", False)) and np.isfinite(h).all()):
+        return False
+    kept = np.asarray(ck["pseudo_gradient"]) != 0  # groups with zero gradient are excluded from the inverse
+    return bool(kept.any() and np.linalg.eigvalsh(0.5 * (h + h.T)[np.ix_(kept, kept)]).min() > 0)
+
+
 def audit_checkpoint(ck: StoredCheckpoint, results: Path, approximations: Sequence[str], of: Sequence[str],
                      tolerance: float) -> dict:
     """The verdicts for one stored checkpoint (the JSON structure of this module, one element)."""
     if "interactions/steps/efficiency" not in ck.data:
         raise CurvscopeError(f"checkpoint {ck.label!r} of {str(results)!r} holds no interactions/ group "
                              f"(written by an older curvscope?): analyse it again with --overwrite.")
-    pd = bool(ck.data_attrs.get("interactions", {}).get("positive_definite", False))
+    pd = _positive_definite(ck)
     rows = []
     for grouping in approximations:
         for matrix in of:
-            ratios = ck[f"interactions/{matrix}/off_block_ratio"][GROUPINGS.index(grouping)]
-            step = _step(ck, matrix, grouping)
-            eff = step["efficiency"]
+            ratios = ck[f"interactions/{STORED[matrix]}/off_block_ratio"][GROUPINGS.index(grouping)]
+            step = _step(ck, STORED[matrix], grouping)
+            eff = step["efficiency"] if pd else None
             if eff is not None:
-                rule, valid = f"efficiency >= {1 - tolerance:g}", eff >= 1 - tolerance
+                rule, verdict = f"efficiency >= {1 - tolerance:g}", VALID if eff >= 1 - tolerance else NOT_VALID
+            elif math.isfinite(ratios[0]):
+                rule = f"off-block ratio <= {tolerance:g} (efficiency undefined)"
+                verdict = VALID if ratios[0] <= tolerance else NOT_VALID
             else:
-                rule, valid = f"off-block ratio <= {tolerance:g} (efficiency undefined)", \
-                    bool(np.nan_to_num(ratios[0], nan=np.inf) <= tolerance)
+                rule, verdict = "efficiency and off-block ratio undefined: a diagonal entry of the matrix is zero " \
+                    "or not finite", UNDEFINED
             rows.append({"approximation": grouping, "of": matrix,
                          "off_block_ratio": {p: _num(r) for p, r in zip(PARTS, ratios)},
                          "efficiency": eff, "predicted_decrease": step["predicted_decrease"],
-                         "actual_decrease": step["actual_decrease"], "rule": rule, "valid": bool(valid)})
+                         "actual_decrease": step["actual_decrease"], "rule": rule, "verdict": verdict,
+                         "valid": verdict == VALID})
     S = len(ck["pseudo_gradient"])
     newton = _step(ck, "newton")
     del newton["efficiency"]
+    bar = curvature_kind(str(ck.attrs.get("curvature", ""))).bar
     return {"label": ck.label, "results": str(results), "source": ck.attrs.get("source"),
+            "curvature": curvature_kind(str(ck.attrs.get("curvature", ""))).name, "matrix": bar,
             "positive_definite": pd,
-            "efficiency": "defined" if pd else "undefined: H̄ indefinite",
+            "efficiency": "defined" if pd else f"undefined: {bar} not positive definite",
             "significant_pairs": int(ck["interactions/significant_count"]), "pairs": S * (S - 1) // 2,
             "newton": newton, "cauchy": _step(ck, "cauchy"), "approximations": rows,
             "valid": all(r["valid"] for r in rows)}
@@ -86,32 +112,38 @@ def audit_report(checkpoints: list[dict], tolerance: float) -> dict:
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
-    return "n/a" if x is None else format(x, spec)
+    return "undefined" if x is None else format(x, spec)
 
 
 def format_report(report: dict) -> str:
     """The human-readable table per checkpoint and a summary line."""
     lines = []
     for c in report["checkpoints"]:
+        bar = c["matrix"]
         sig = ("standard errors unknown (one batch)" if c["significant_pairs"] < 0 else
-               f"{c['significant_pairs']} of {c['pairs']} off-diagonal pairs of H̄ exceed 2 standard errors")
-        lines.append(f"[{c['label']}] H̄ {'positive definite' if c['positive_definite'] else 'not positive definite'} "
-                     f"(efficiency {c['efficiency']}); {sig}")
+               f"{c['significant_pairs']} of {c['pairs']} off-diagonal pairs of {bar} exceed 2 standard errors")
+        lines.append(f"[{c['label']}] {bar} ({curvature_kind(c['curvature']).title}) "
+                     f"{'positive definite' if c['positive_definite'] else 'not positive definite'} "
+                     f"(efficiency {c['efficiency'].split(':')[0]}); {sig}")
         n, ca = c["newton"], c["cauchy"]
         lines.append(f"  Newton step: predicted decrease {_fmt(n['predicted_decrease'])}, actual "
                      f"{_fmt(n['actual_decrease'])}; Cauchy step: efficiency {_fmt(ca['efficiency'])}, "
                      f"predicted {_fmt(ca['predicted_decrease'])}, actual {_fmt(ca['actual_decrease'])}")
-        head = (f"  {'approximation':14s} {'of':8s} {'r(all)':>7s} {'r(WW)':>7s} {'r(BB)':>7s} {'r(WB)':>7s} "
-                f"{'effic.':>7s} {'predicted':>10s} {'actual':>10s}  verdict (rule)")
+        head = (f"  {'approximation':14s} {'of':8s} {'r(all)':>9s} {'r(WW)':>9s} {'r(BB)':>9s} {'r(WB)':>9s} "
+                f"{'effic.':>9s} {'predicted':>10s} {'actual':>10s}  verdict (rule)")
         lines.append(head)
         for r in c["approximations"]:
             rr = [_fmt(r["off_block_ratio"][p], ".3f") for p in PARTS]
-            lines.append(f"  {r['approximation'] + ' blocks':14s} {r['of']:8s} {rr[0]:>7s} {rr[1]:>7s} {rr[2]:>7s} "
-                         f"{rr[3]:>7s} {_fmt(r['efficiency'], '.3f'):>7s} {_fmt(r['predicted_decrease']):>10s} "
-                         f"{_fmt(r['actual_decrease']):>10s}  {'valid' if r['valid'] else 'NOT VALID'} ({r['rule']})")
+            verdict = r["verdict"] if r["verdict"] == VALID else r["verdict"].upper()
+            of = bar if r["of"] == "matrix" else bar + "⁻¹"
+            lines.append(f"  {r['approximation'] + ' blocks':14s} {of:8s} {rr[0]:>9s} {rr[1]:>9s} {rr[2]:>9s} "
+                         f"{rr[3]:>9s} {_fmt(r['efficiency'], '.3f'):>9s} {_fmt(r['predicted_decrease']):>10s} "
+                         f"{_fmt(r['actual_decrease']):>10s}  {verdict} ({r['rule']})")
     rows = [r for c in report["checkpoints"] for r in c["approximations"]]
     good = sum(r["valid"] for r in rows)
-    lines.append(f"summary: {good} of {len(rows)} approximations valid at tolerance {report['tolerance']:g} "
+    undefined = sum(r["verdict"] == UNDEFINED for r in rows)
+    lines.append(f"summary: {good} of {len(rows)} approximations valid"
+                 f"{f' ({undefined} undefined)' if undefined else ''} at tolerance {report['tolerance']:g} "
                  f"over {len(report['checkpoints'])} checkpoint(s): "
                  f"{'all valid' if report['valid'] else 'NOT all valid'}")
     return "\n".join(lines)

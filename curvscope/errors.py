@@ -8,3 +8,9 @@ from __future__ import annotations
 
 class CurvscopeError(Exception):
     """Bad input or an unusable situation, described in one paragraph for the user."""
+
+
+def summary(exc: BaseException) -> str:
+    """``Type: first line of the message``, for quoting a foreign exception inside a one-paragraph error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -8,10 +8,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PseudoHessianResult:
-    """ḡ_s = U_sᵀg and H̄_st = U_sᵀ H U_t over a partition, with the direction u = g = ∇L(θ).
+    """ḡ_s = U_sᵀg and C̄_st = U_sᵀ C U_t over a partition, with the direction u = g = ∇L(θ).
 
-    `pseudo_hessian_stderr` is the standard error of H̄ across batches,
-    sqrt(B/(B-1) Σ_b w_b² (H̄_b - H̄)²) with w_b = n_b/N (NaN for a single batch).
+    C is the curvature named by `curvature` (the Hessian H by default; the field
+    names keep the Hessian's for every curvature). `pseudo_hessian_stderr` is the
+    standard error of C̄ across batches, sqrt(B/(B-1) Σ_b w_b² (C̄_b - C̄)²) with
+    w_b = n_b/N (NaN for a single batch).
     """
 
     names: np.ndarray  # (S,) str
@@ -25,12 +27,13 @@ class PseudoHessianResult:
     loss: float  # L(θ) over the analysis set
     n_samples: int
     n_batches: int
-    strategy: str  # how the Hessian-vector products were batched
+    strategy: str  # how the projection was computed (the Hessian's strategy, or the curvature's method)
+    curvature: str = "hessian"  # which matrix C̄ projects: "hessian", "ggn" or "fisher"
 
 
 @dataclass(frozen=True)
 class NewtonStep:
-    """H̄⁻¹ and the per-group step it gives (DESIGN.md §2).
+    """H̄⁻¹ and the per-group step it gives (docs/DESIGN.md §2).
 
     `method` is "inverse" when H̄ is nonsingular, else "pseudo-inverse"
     (Moore-Penrose, eigenvalues with |λ| <= rcond·max|λ| dropped); H̄ is never

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the analogues of Figures 1 and 2 of Wolinski (arXiv:2312.03885) on CIFAR-10:
 # train LeNet-5 (epochs 1 and 21) and VGG-11' (epochs 1 and 6) with the paper's setup
-# (DESIGN.md §2: SGD, batches of 100, no augmentation, log-softmax + NLL), analyse every
+# (docs/DESIGN.md §2: SGD, batches of 100, no augmentation, log-softmax + NLL), analyse every
 # checkpoint over the training split, render the trajectory heatmaps and audit the
 # block-diagonal approximations. Everything goes to OUT (default reports/paper/).
 #

@@ -7,7 +7,7 @@ The shipped checkpoints were made with:
         --loss nll --epochs 21 --save-at 1,21 --lr 0.05 --batch-size 100 --seed 0 \
         --out checkpoints/lenet5_digits
 
-Training follows the paper's setup (DESIGN.md §2): plain SGD on mini-batches of
+Training follows the paper's setup (docs/DESIGN.md §2): plain SGD on mini-batches of
 100, no augmentation, the zoo's N(0, σ²/fan_in) initialisation, log-softmax
 outputs with the NLL loss. Deterministic on the CPU for a given seed.
 """

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "lenet5_digits_ep21.pt"
@@ -55,6 +56,19 @@ class PoolNet(nn.Module):
         return F.log_softmax(self.fc(self.pool(self.act(self.conv(x))).flatten(1)), dim=1)
 
 
+class AttentionNet(nn.Module):
+    """Self-attention (nn.MultiheadAttention, need_weights=False: PyTorch's fused kernel) → mean over tokens → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.fc(y.mean(1))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
 
@@ -90,6 +104,9 @@ def make_case(name: str, n: int = 12, seed: int = 0) -> Case:
     if name == "pool":
         return Case(PoolNet().double(), F.nll_loss, torch.randn(n, 2, 8, 8, dtype=torch.float64),
                     torch.randint(0, 4, (n,)))
+    if name == "attention":
+        return Case(AttentionNet().double(), F.cross_entropy, torch.randn(n, 3, 4, dtype=torch.float64),
+                    torch.randint(0, 3, (n,)))
     if name == "layernorm":
         return Case(NormNet().double(), F.cross_entropy, torch.randn(n, 5, dtype=torch.float64),
                     torch.randint(0, 3, (n,)))
@@ -121,13 +138,14 @@ def dense(case: Case, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = 
         params = {nm: flat[sl].reshape(sh) for nm, sl, sh in zip(names, slices, shapes)}
         return sum(len(y) / n * case.loss_fn(functional_call(case.model, params, (x,)), y) for x, y in batches)
 
-    h = torch.autograd.functional.hessian(loss, flat0)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference attention kernel, with every derivative
+        h = torch.autograd.functional.hessian(loss, flat0)
     flat = flat0.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss(flat), flat)
     return Dense(h, g, slices)
 
 
-@pytest.fixture(params=["mlp", "cnn", "pool", "layernorm"])
+@pytest.fixture(params=["mlp", "cnn", "pool", "layernorm", "attention"])
 def case(request: pytest.FixtureRequest) -> Case:
     return make_case(request.param)
 

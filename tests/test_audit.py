@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,12 +14,13 @@ from torch import nn
 from curvscope import newton_step, pseudo_hessian
 from curvscope.analysis import AnalysisRecord
 from curvscope.cli.main import main
+from curvscope.errors import CurvscopeError
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.measures.interactions import interactions
 from curvscope.store.hdf5 import write_records
 
 APPROXIMATION_KEYS = {"approximation", "of", "off_block_ratio", "efficiency", "predicted_decrease",
-                      "actual_decrease", "rule", "valid"}
+                      "actual_decrease", "rule", "verdict", "valid"}
 
 
 class Branches(nn.Module):
@@ -70,14 +73,15 @@ def test_json_structure_is_stable(tmp_path: Path) -> None:
     res = audit(out, "--approximation", "layer", "--approximation", "tensor", "--json", "--tolerance", "0.2")
     doc = json.loads(res.output)
     assert set(doc) == {"format", "version", "tolerance", "valid", "checkpoints"}
-    assert doc["format"] == "curvscope-audit" and doc["version"] == 1 and doc["tolerance"] == 0.2
+    assert doc["format"] == "curvscope-audit" and doc["version"] == 2 and doc["tolerance"] == 0.2
     (ck,) = doc["checkpoints"]
-    assert set(ck) == {"label", "results", "source", "positive_definite", "efficiency", "significant_pairs", "pairs",
-                       "newton", "cauchy", "approximations", "valid"}
+    assert set(ck) == {"label", "results", "source", "curvature", "matrix", "positive_definite", "efficiency",
+                       "significant_pairs", "pairs", "newton", "cauchy", "approximations", "valid"}
+    assert ck["curvature"] == "hessian" and ck["matrix"] == "H̄"
     assert set(ck["newton"]) == {"predicted_decrease", "actual_decrease"}
     assert set(ck["cauchy"]) == {"predicted_decrease", "actual_decrease", "efficiency"}
     assert [(r["approximation"], r["of"]) for r in ck["approximations"]] == [
-        ("layer", "hessian"), ("layer", "inverse"), ("tensor", "hessian"), ("tensor", "inverse")]
+        ("layer", "matrix"), ("layer", "inverse"), ("tensor", "matrix"), ("tensor", "inverse")]
     for row in ck["approximations"]:
         assert set(row) == APPROXIMATION_KEYS
         assert set(row["off_block_ratio"]) == {"all", "weight-weight", "bias-bias", "weight-bias"}
@@ -89,7 +93,7 @@ def test_indefinite_uses_the_off_block_ratio_rule(tmp_path: Path, tiny_bundle: P
     res = audit(tiny_bundle, "--json")  # a checkpoint is analysed first
     doc = json.loads(res.output)
     ck = doc["checkpoints"][0]
-    assert ck["positive_definite"] is False and ck["efficiency"] == "undefined: H̄ indefinite"
+    assert ck["positive_definite"] is False and ck["efficiency"] == "undefined: H̄ not positive definite"
     assert all(r["efficiency"] is None and r["rule"].startswith("off-block ratio") for r in ck["approximations"])
     assert res.exit_code == 1
 
@@ -102,3 +106,34 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "not a" in res.output
     res = audit(tmp_path / "junk.pt", "--tolerance", "2")
     assert res.exit_code == 2
+
+
+def test_undefined_measures_give_an_undefined_verdict(tmp_path: Path) -> None:
+    """A zero diagonal entry of H̄ makes N(H̄), hence every off-block ratio, undefined: the verdict says so."""
+    out = results_file(tmp_path, Branches().double())
+    with h5py.File(out, "r+") as fh:
+        grp = fh["checkpoints/branches"]
+        grp["interactions"].attrs["positive_definite"] = False
+        for matrix in ("hessian", "inverse"):
+            grp[f"interactions/{matrix}/off_block_ratio"][...] = np.nan
+    res = audit(out, "--approximation", "layer")
+    assert res.exit_code == 1, res.output
+    assert "UNDEFINED (efficiency and off-block ratio undefined" in res.output
+    assert "NOT VALID" not in res.output and "(2 undefined)" in res.output
+    assert " undefined " in res.output.splitlines()[3]  # the ratio columns
+    doc = json.loads(audit(out, "--approximation", "layer", "--json").output)
+    rows = doc["checkpoints"][0]["approximations"]
+    assert [r["verdict"] for r in rows] == ["undefined", "undefined"] and not any(r["valid"] for r in rows)
+    assert rows[0]["off_block_ratio"]["all"] is None
+
+
+def test_a_nan_pseudo_hessian_is_never_positive_definite(tmp_path: Path) -> None:
+    out = results_file(tmp_path, Branches().double())
+    with h5py.File(out, "r+") as fh:
+        fh["checkpoints/branches/pseudo_hessian"][0, 0] = np.nan  # the stored flag still says positive definite
+    doc = json.loads(audit(out, "--approximation", "layer", "--json").output)
+    ck = doc["checkpoints"][0]
+    assert ck["positive_definite"] is False
+    assert all(r["efficiency"] is None for r in ck["approximations"])
+    with pytest.raises(CurvscopeError, match="NaN or infinite"):
+        newton_step(np.array([[np.nan, 0.0], [0.0, 1.0]]), np.ones(2))

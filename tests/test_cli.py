@@ -114,7 +114,7 @@ BAD = {
                                          '{"shape": [12], "num_classes": 7, "n": 40}'], "cannot be evaluated"),
     "data shape does not fit": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--data-kwargs",
                                              '{"shape": [5], "num_classes": 3, "n": 40}'], "cannot be evaluated"),
-    "empty data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--samples", "0"], "empty"),
+    "empty data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--samples", "0"], "--samples.*x>=1"),
     "unknown plug-in": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--model", "nowhere.mod:f"], "cannot import"),
 }
 
@@ -231,3 +231,56 @@ def test_interrupt_mid_run_exits_130_and_keeps_results(tmp_path: Path, sig: sign
     assert "interrupted" in err and "Traceback" not in err
     assert digest(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_attention_model_runs_under_the_math_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn.MultiheadAttention(need_weights=False) uses a fused kernel without double backward on CPU."""
+    res, out = analyse_plugin_model(tmp_path, monkeypatch, """
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+                self.head = torch.nn.Linear(4, 3)
+            def forward(self, x):
+                x = x.view(-1, 3, 4)
+                y, _ = self.attn(x, x, x, need_weights=False)
+                return torch.log_softmax(self.head(y.mean(1)), 1)
+        def net():
+            return Net()
+        """)
+    assert res.exit_code == 0, res.output
+    assert "attention (1 module, e.g. attn) ran under PyTorch's math backend" in res.output
+    with h5py.File(out) as fh:
+        assert "math backend" in fh["checkpoints/sd"].attrs["attention"]
+
+
+DATA_PLUGINS = {
+    "TensorDataset": "torch.utils.data.TensorDataset(x, y)",
+    "IterableDataset": "Samples(x, y)",
+    "DataLoader": "torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)",
+    "list of batches": "[(x[:8], y[:8]), (x[8:], y[8:])]",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DATA_PLUGINS))
+def test_data_plugins_may_return_any_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    name = f"data_plugin_{zlib.crc32(str(tmp_path).encode())}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import torch
+        class Samples(torch.utils.data.IterableDataset):
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+            def __iter__(self):
+                return iter(zip(self.x, self.y))
+        def load(split):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(20, 12, generator=g), torch.randint(0, 3, (20,), generator=g)
+            return {DATA_PLUGINS[kind]}
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = run("analyse", write_tiny_bundle(tmp_path / "t.pt"), "--data", f"{name}:load", "-o", tmp_path / "r.h5",
+              "--no-render", "--no-spectrum")
+    assert res.exit_code == 0, res.output
+    with h5py.File(tmp_path / "r.h5") as fh:
+        assert fh["checkpoints/t"].attrs["n_samples"] == 20

@@ -7,7 +7,8 @@ import torch
 
 from conftest import Case, dense, make_case
 from curvscope import eigenvalues, spectral_density, trace
-from curvscope.curvature.hvp import HessianProducts, parse_memory
+from curvscope.cli.types import parse_memory
+from curvscope.curvature.hessian import HessianOperator
 from curvscope.curvature.lanczos import extreme_eigenpairs
 from curvscope.curvature.spectrum import block_eigenvalues, block_trace
 from curvscope.errors import CurvscopeError
@@ -34,7 +35,7 @@ def test_block_eigenvalues_equal_the_dense_block() -> None:
     case = make_case("cnn")
     d = dense(case, case.batches([5, 7]))
     h = d.hessian.numpy()
-    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
+    with HessianOperator.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
         for group, sl in (("conv.weight", d.slices[0]), ("fc", slice(d.slices[2].start, d.slices[3].stop))):
             res = block_eigenvalues(hp.operator(group), 3, "largest", tol=1e-10, max_steps=300, group=group)
             np.testing.assert_allclose(res.values, np.linalg.eigvalsh(h[sl, sl])[::-1][:3], rtol=1e-8)
@@ -46,10 +47,10 @@ def test_block_eigenvalues_equal_the_dense_block() -> None:
 def test_cached_and_streamed_products_agree() -> None:
     case = make_case("layernorm")
     v = torch.randn(sum(p.numel() for p in case.model.parameters()), dtype=torch.float64)
-    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as cached:
+    with HessianOperator.create(case.model, case.loss_fn, case.batches([5, 7])) as cached:
         a = cached.operator()(v)
         assert cached.mode == "cached" and cached.graph_bytes > 0
-    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7]), max_memory=0) as streamed:
+    with HessianOperator.create(case.model, case.loss_fn, case.batches([5, 7]), max_memory=0) as streamed:
         b = streamed.operator()(v)
         assert streamed.mode == "streamed"
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -88,7 +89,7 @@ def test_hutchpp_within_three_standard_errors() -> None:
 def test_trace_is_exact_for_small_blocks() -> None:
     case = make_case("cnn")
     d = dense(case, case.batches([5, 7]))
-    with HessianProducts.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
+    with HessianOperator.create(case.model, case.loss_fn, case.batches([5, 7])) as hp:
         res = block_trace(hp.operator("fc.bias"), 30, group="fc.bias")
     sl = d.slices[3]
     assert res.exact and res.stderr == 0
@@ -135,5 +136,27 @@ def test_residuals_from_the_lanczos_relation_equal_measured_ones() -> None:
 def test_memory_sizes() -> None:
     assert parse_memory("2G") == 2 * 1024 ** 3 and parse_memory("512MiB") == 512 * 1024 ** 2
     assert parse_memory("1000") == 1000 and parse_memory("1.5k") == 1536
-    with pytest.raises(CurvscopeError, match="memory size"):
-        parse_memory("lots")
+    for bad in ("lots", "0", "nanG", "1e30T"):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_memory(bad)
+
+
+def test_spectral_functions_share_one_operator() -> None:
+    """eigenvalues, trace and spectral_density accept a built operator; its graphs are built once and reused."""
+    from curvscope import curvature_operator, eigenvalues, spectral_density, trace
+
+    case = make_case("mlp")
+    batches = case.batches([5, 7])
+    h = dense(case, batches).hessian.numpy()
+    with curvature_operator(case.model, case.loss_fn, batches) as op:
+        top = eigenvalues(op, k=2, tol=1e-10, max_steps=200)
+        graphs = op._graphs[0][0]
+        tr = trace(op, matvecs=200)
+        dens = spectral_density(op, steps=10)
+        assert op._graphs[0][0] is graphs and op.count > 0  # the same kept graph served every call
+    np.testing.assert_allclose(top.values, np.linalg.eigvalsh(h)[::-1][:2], rtol=1e-8)
+    assert tr.value == pytest.approx(np.trace(h), rel=1e-10) and dens.nodes.shape == (1, 10)
+    assert eigenvalues(case.model, case.loss_fn, batches, k=1).values[0] == pytest.approx(np.linalg.eigvalsh(h)[-1],
+                                                                                        rel=1e-6)
+    with pytest.raises(CurvscopeError, match="operator, or a model"):
+        trace(case.model)

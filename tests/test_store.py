@@ -37,7 +37,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture
 def record(tiny_bundle: Path):
-    return analyse_checkpoint(tiny_bundle, AnalysisOptions(batch_size=16))
+    return analyse_checkpoint(tiny_bundle, AnalysisOptions(batch_size=16))[0]  # one record per curvature
 
 
 def test_layout_of_schema_v1(tmp_path: Path, record) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from curvscope.errors import CurvscopeError
 from curvscope.results import NewtonStep
 
 
@@ -27,10 +28,15 @@ def newton_step(pseudo_hessian: np.ndarray, pseudo_gradient: np.ndarray,
     their rows of H̄ vanish) are excluded: the inverse is taken over the other
     groups and is zero in their rows and columns. The rest is singular when
     some |λ| <= rcond·max|λ|, rcond defaulting to S·eps (float64). The matrix is
-    symmetrised before use; nothing is regularised.
+    symmetrised before use; nothing is regularised. Non-finite entries raise
+    :class:`CurvscopeError`: no definiteness is claimed of a matrix with NaN.
     """
     h = 0.5 * (np.asarray(pseudo_hessian, dtype=np.float64) + np.asarray(pseudo_hessian).T)
     g = np.asarray(pseudo_gradient, dtype=np.float64)
+    if not (np.isfinite(h).all() and np.isfinite(g).all()):
+        raise CurvscopeError("the pseudo-Hessian or pseudo-gradient has NaN or infinite entries, so it has no "
+                             "inverse and no Newton step: the curvature overflowed; analyse with --dtype float64 "
+                             "or check the weights and data.")
     S = h.shape[0]
     rcond = S * np.finfo(np.float64).eps if rcond is None else rcond
     excluded = g == 0

@@ -1,5 +1,10 @@
 """The loss over the analysis set, L(θ) = Σ_b (n_b / N) L_b(θ), batch by batch.
 
+Every forward pass runs under PyTorch's math attention backend: the fused
+scaled-dot-product attention kernels (used by ``nn.MultiheadAttention`` and
+most transformer code) have no double backward, and the math backend gives
+the same values with every derivative.
+
 Batches are (inputs, targets) pairs; L_b is the batch-mean loss. Every engine
 goes through :class:`Objective`, so all of them weight batches the same way and
 put inputs on the model's device and dtype.
@@ -12,9 +17,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.curvature.data_conv import data_convolutions
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
 from curvscope.sources.losses import LossFn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -23,6 +29,17 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 def no_progress(stage: str, done: int, total: int) -> None:
     """A progress callback that shows nothing."""
+
+
+def differentiate(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                  **kwargs: object) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad``, with a model that PyTorch cannot differentiate (twice) reported as bad input."""
+    try:
+        return torch.autograd.grad(outputs, inputs, **kwargs)  # type: ignore[arg-type]
+    except RuntimeError as exc:
+        raise CurvscopeError(f"PyTorch cannot differentiate this model as curvature needs ({summary(exc)}): an "
+                             f"operation it uses has no (second) derivative in this PyTorch; replace that "
+                             f"operation or analyse another model.") from None
 
 
 @dataclass
@@ -60,11 +77,13 @@ class Objective:
         """L_b, the mean loss of batch b, differentiable in the parameters; refuses NaN or Inf unless not `finite`."""
         x, y = self.batches[b]
         try:
-            value = self.loss_fn(self.model(self.place(x)), self.place(y))
-        except (RuntimeError, ValueError, IndexError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+                value = self.loss_fn(self.model(self.place(x)), self.place(y))
+        except Exception as exc:  # noqa: BLE001 - the model and the loss are the user's code
             raise CurvscopeError(f"the model and loss cannot be evaluated on batch {b} "
-                                 f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)}): {first}") from None
+                                 f"(inputs {tuple(x.shape)}, targets {tuple(y.shape)}): {summary(exc)}") from None
+        if not isinstance(value, torch.Tensor):
+            raise CurvscopeError(f"the loss must return a scalar tensor; it returned a {type(value).__name__}.")
         if value.dim() != 0:
             raise CurvscopeError(f"the loss must be a batch mean (a scalar); it returned shape {tuple(value.shape)}.")
         if finite and not math.isfinite(float(value.detach())):
@@ -79,5 +98,5 @@ class Objective:
         """
         with data_convolutions(self.model):
             loss = self.batch_loss(b)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        grads = differentiate(loss, params, create_graph=True, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -1,4 +1,4 @@
-"""Partitions of the parameters into groups s = 1..S (DESIGN.md §2).
+"""Partitions of the parameters into groups s = 1..S (docs/DESIGN.md §2).
 
 A partition assigns every scalar of every trainable tensor to one group. Each
 tensor carries either one group id (all its scalars in the same group) or an

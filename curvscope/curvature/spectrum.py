@@ -1,6 +1,6 @@
-"""Hessian spectra: extreme eigenvalues (Lanczos), traces (Hutch++) and densities (SLQ).
+"""Curvature spectra: extreme eigenvalues (Lanczos), traces (Hutch++) and densities (SLQ).
 
-Public API (DESIGN.md §3): :func:`eigenvalues`, :func:`trace`,
+Of any curvature operator (the Hessian by default). Public API (docs/DESIGN.md §3): :func:`eigenvalues`, :func:`trace`,
 :func:`spectral_density`, each over the analysis set `batches` with exact
 n_b/N batch weights, for the whole model or one diagonal block (`group`: a
 tensor name such as "conv1.weight" or a layer name such as "conv1").
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from curvscope.curvature.hutchpp import hutchpp
-from curvscope.curvature.hvp import DEFAULT_MAX_MEMORY, BlockOperator, HessianProducts
+from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
+from curvscope.curvature.kinds import DEFAULT_CURVATURE
+from curvscope.curvature.operator import BlockOperator, CurvatureOperator
+from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.lanczos import extreme_eigenpairs, quadrature, random_start
 from curvscope.curvature.objective import Batch, Progress, no_progress
 from curvscope.errors import CurvscopeError
@@ -26,9 +30,6 @@ from curvscope.measures.density import DEFAULT_WIDTH, gaussian_density
 from curvscope.results import BlockSpectrum, DensityResult, EigenResult, SpectrumResult, TraceResult
 from curvscope.sources.losses import LossFn
 
-DEFAULT_TOL = 1e-5  # residual <= tol·‖H‖; the eigenvalue error is then <= min(r, r²/gap)
-DEFAULT_STEPS = 80
-DEFAULT_TRACE_MATVECS = 30
 
 
 def _generator(seed: int, tag: str) -> torch.Generator:
@@ -44,14 +45,17 @@ def block_eigenvalues(op: BlockOperator, k: int = 5, which: str = "largest", *, 
         raise CurvscopeError(f"which must be 'largest' or 'smallest', not {which!r}.")
     if k < 1 or max_steps < 1:
         raise CurvscopeError(f"k and the number of Lanczos steps must be positive (k={k}, steps={max_steps}).")
+    if k > max_steps:
+        raise CurvscopeError(f"{k} eigenvalues cannot come from {max_steps} Lanczos steps: allow at least {k} steps.")
     pairs = extreme_eigenpairs(op.matvec, op.dim, k, which == "largest", tol=tol, max_steps=max_steps,
                                generator=_generator(seed, f"{which}:{group}"), device=op.device, verify=verify)
     return EigenResult(pairs.values, pairs.residuals, pairs.converged, which, group, op.dim, tol, pairs.steps,
                        pairs.verified, seed)
 
 
-def block_trace(op: BlockOperator, matvecs: int = DEFAULT_TRACE_MATVECS, *, seed: int = 0, group: str = "") -> TraceResult:
-    """tr(H_BB) by Hutch++ with `matvecs` products (exact when the block has at most that many scalars)."""
+def block_trace(op: BlockOperator, matvecs: int = DEFAULT_TRACE_MATVECS, *, seed: int = 0,
+                group: str = "") -> TraceResult:
+    """tr(C_BB) by Hutch++ with `matvecs` products (exact when the block has at most that many scalars)."""
     value, stderr, exact = hutchpp(op.matvec, op.dim, matvecs, generator=_generator(seed, f"trace:{group}"),
                                    device=op.device)
     return TraceResult(value, stderr, "exact" if exact else "hutch++", min(matvecs, op.dim), group, op.dim, seed)
@@ -72,53 +76,71 @@ def block_density(op: BlockOperator, runs: int = 1, steps: int = DEFAULT_STEPS, 
     return DensityResult(grid, dens, nodes, weights, sigma, runs, steps, seed)
 
 
-def _products(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], max_memory: int,
-              device: str | torch.device | None, dtype: torch.dtype | None) -> HessianProducts:
-    return HessianProducts.create(model, loss_fn, batches, max_memory=max_memory, device=device, dtype=dtype)
+Source = nn.Module | CurvatureOperator
 
 
-def eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], k: int = 5, which: str = "largest",
-                group: str | None = None, *, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
-                seed: int = 0, verify: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
-                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> EigenResult:
-    """The k largest (or smallest, algebraic) eigenvalues of H = ∇²L or of its diagonal block `group`.
+@contextmanager
+def _operator(source: Source, loss_fn: LossFn | None, batches: Iterable[Batch] | None, curvature: str,
+              max_memory: int, device: str | torch.device | None,
+              dtype: torch.dtype | None) -> Iterator[CurvatureOperator]:
+    """`source` itself when it is an operator (left open for further calls), else a new one, closed after."""
+    if isinstance(source, CurvatureOperator):
+        yield source
+        return
+    if loss_fn is None or batches is None:
+        raise CurvscopeError("give either a curvature operator, or a model with its loss_fn and batches.")
+    with curvature_operator(source, loss_fn, batches, curvature, max_memory=max_memory, device=device,
+                            dtype=dtype) as op:
+        yield op
 
-    Lanczos with full reorthogonalisation in float64; stops when every wanted
-    Ritz value's residual is below tol·‖H‖ (or after `max_steps`), then checks
-    for missed (repeated) eigenvalues with a deflated run. `.values` are most
-    extreme first; `.converged` flags each one.
+
+def eigenvalues(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None, k: int = 5,
+                which: str = "largest", group: str | None = None, *, curvature: str = DEFAULT_CURVATURE,
+                tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS, seed: int = 0, verify: bool = True,
+                max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
+                dtype: torch.dtype | None = None) -> EigenResult:
+    """The k largest (or smallest, algebraic) eigenvalues of C (H = ∇²L by default) or of its diagonal block `group`.
+
+    `source` is a model (with `loss_fn` and `batches`, and `curvature` naming C)
+    or a :class:`CurvatureOperator` already built (then pass the rest by
+    keyword). Lanczos with full reorthogonalisation in float64; stops when every
+    wanted Ritz value's residual is below tol·‖C‖ (or after `max_steps`), then
+    checks for missed (repeated) eigenvalues with a deflated run. `.values` are
+    most extreme first; `.converged` flags each one.
     """
-    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
-        return block_eigenvalues(hp.operator(group), k, which, tol=tol, max_steps=max_steps, seed=seed,
+    with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
+        return block_eigenvalues(op.operator(group), k, which, tol=tol, max_steps=max_steps, seed=seed,
                                  verify=verify, group=group or "")
 
 
-def trace(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], group: str | None = None, *,
-          matvecs: int = DEFAULT_TRACE_MATVECS, seed: int = 0, max_memory: int = DEFAULT_MAX_MEMORY,
-          device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TraceResult:
-    """tr(H) or tr(H_BB) by Hutch++, with `.value` and `.stderr`."""
-    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
-        return block_trace(hp.operator(group), matvecs, seed=seed, group=group or "")
+def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
+          group: str | None = None, *, curvature: str = DEFAULT_CURVATURE, matvecs: int = DEFAULT_TRACE_MATVECS,
+          seed: int = 0, max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
+          dtype: torch.dtype | None = None) -> TraceResult:
+    """tr(C) or tr(C_BB) by Hutch++, with `.value` and `.stderr` (`source` as in :func:`eigenvalues`)."""
+    with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
+        return block_trace(op.operator(group), matvecs, seed=seed, group=group or "")
 
 
-def spectral_density(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], group: str | None = None, *,
-                     runs: int = 1, steps: int = DEFAULT_STEPS, width: float = DEFAULT_WIDTH, seed: int = 0,
+def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
+                     group: str | None = None, *, curvature: str = DEFAULT_CURVATURE, runs: int = 1,
+                     steps: int = DEFAULT_STEPS, width: float = DEFAULT_WIDTH, seed: int = 0,
                      max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> DensityResult:
-    """The eigenvalue density of H by stochastic Lanczos quadrature.
+    """The eigenvalue density of C by stochastic Lanczos quadrature (`source` as in :func:`eigenvalues`).
 
     density(x) = (1/runs) Σ_r Σ_j τ_rj N(x; θ_rj, σ²) with Ritz values θ and
     weights τ (squared first components of T's eigenvectors) of a Lanczos run
     from each Gaussian probe; σ = width x (span of the nodes).
     """
-    with _products(model, loss_fn, batches, max_memory, device, dtype) as hp:
-        return block_density(hp.operator(group), runs, steps, width=width, seed=seed)
+    with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
+        return block_density(op.operator(group), runs, steps, width=width, seed=seed)
 
 
-def spectrum(hp: HessianProducts, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
+def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
              slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS, seed: int = 0,
              blocks: bool = True, progress: Progress = no_progress) -> SpectrumResult:
-    """Top and bottom k eigenvalues, trace and density of H; top k eigenvalues and trace of every block.
+    """Top and bottom k eigenvalues, trace and density of C; top k eigenvalues and trace of every block.
 
     Blocks are every parameter tensor and every layer (module with several tensors).
     """

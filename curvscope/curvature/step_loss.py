@@ -10,7 +10,7 @@ from torch import nn
 
 from curvscope.curvature.objective import Batch, Objective
 from curvscope.curvature.partition import Partition, make_partition, trainable
-from curvscope.curvature.pseudo_hessian import full_gradient
+from curvscope.curvature.operator import full_gradient
 from curvscope.sources.losses import LossFn
 
 

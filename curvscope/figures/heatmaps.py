@@ -1,32 +1,32 @@
-"""The paper's heatmaps of H̄ and H̄⁻¹: weight-weight, bias-bias and weight-bias blocks.
+"""The paper's heatmaps of C̄ and C̄⁻¹ (H̄ and H̄⁻¹ for the Hessian): weight-weight, bias-bias and weight-bias blocks.
 
-Per checkpoint, two rows (H̄, H̄⁻¹) by three columns (WW, BB, WB); a
+Per checkpoint, two rows (C̄, C̄⁻¹) by three columns (WW, BB, WB); a
 diverging colormap centred on zero (white ≈ 0, red > 0, blue < 0) with
 symmetric limits per panel, as in Wolinski (arXiv:2312.03885). When the
 partition does not split weights from biases (layer, trivial, discrete), one
-panel per row shows the whole matrix.
+panel per row shows the whole matrix. Titles name the record's curvature
+(H̄, Ḡ or F̄).
 
 Scales: ``linear``; ``symlog`` (linear within 10⁻³·max|M| of zero, logarithmic
 beyond); ``normalized``, N(M)_st = M_st / sqrt(|M_ss M_tt|), computed on the
 whole matrix before the blocks are cut out.
+
+Figures are built as :class:`matplotlib.figure.Figure` objects, without pyplot:
+importing this module neither selects a backend nor touches pyplot's state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize, SymLogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.colors import Normalize, SymLogNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from curvscope.measures.normalized import normalized  # noqa: E402
-from curvscope.figures.titles import figure_title, trajectory_labels  # noqa: E402
-from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
+from curvscope.figures.titles import figure_title, matrix_names, trajectory_labels
+from curvscope.measures.normalized import normalized
+from curvscope.store.hdf5 import StoredCheckpoint
 
 SCALES = ("linear", "symlog", "normalized")
 SYMLOG_LINEAR_FRACTION = 1e-3
@@ -75,15 +75,36 @@ def _norm(values: np.ndarray, scale: str, vmax: float | None = None) -> Normaliz
     return Normalize(vmin=-vmax, vmax=vmax)
 
 
-def _draw(ax: plt.Axes, panel: Panel, scale: str, vmax: float | None = None) -> None:
-    many = max(len(panel.rows), len(panel.cols)) > MAX_TICK_LABELS
-    sns.heatmap(np.ma.masked_invalid(panel.values), ax=ax, cmap=CMAP, norm=_norm(panel.values, scale, vmax),
-                square=True, linewidths=0.0 if many else 0.5, linecolor="white",
-                xticklabels=False if many else panel.cols, yticklabels=False if many else panel.rows,
-                cbar_kws={"shrink": 0.8, "format": "%.2g" if scale == "normalized" else "%.1e"})
+def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] | None,
+                 cols: list[str] | None, gridlines: float = 0.0, fmt: str = "%.2g") -> None:
+    """`values` as square cells, row 0 at the top, with a colour bar beside `ax`.
+
+    Non-finite entries are left undrawn and show the grey face of the axes. `rows`/`cols` label the
+    cell centres (None: no tick labels); `gridlines` is the width of the white lines between cells.
+    """
+    nrows, ncols = values.shape
+    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=CMAP, norm=norm, edgecolors="white",
+                         linewidth=gridlines)
+    ax.set_xlim(0, ncols)
+    ax.set_ylim(nrows, 0)  # row 0 at the top, as a matrix is written
+    ax.set_aspect("equal")
     ax.set_facecolor("#bbbbbb")  # NaN entries (no scale-free value) show grey
-    ax.tick_params(axis="x", labelrotation=90, labelsize=8)
-    ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xticks([] if cols is None else np.arange(ncols) + 0.5, [] if cols is None else cols)
+    ax.set_yticks([] if rows is None else np.arange(nrows) + 0.5, [] if rows is None else rows)
+    ax.tick_params(axis="x", labelrotation=90)
+    ax.tick_params(axis="y", labelrotation=0)
+    bar = ax.get_figure().colorbar(mesh, ax=ax, shrink=0.8, format=fmt)
+    bar.outline.set_linewidth(0)
+
+
+def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None) -> None:
+    many = max(len(panel.rows), len(panel.cols)) > MAX_TICK_LABELS
+    draw_heatmap(ax, panel.values, _norm(panel.values, scale, vmax), None if many else panel.rows,
+                 None if many else panel.cols, gridlines=0.0 if many else 0.5,
+                 fmt="%.2g" if scale == "normalized" else "%.1e")
+    ax.tick_params(labelsize=8)
     ax.collections[0].colorbar.ax.tick_params(labelsize=8)
     if panel.title == "weight–bias":
         ax.set_ylabel("weight of", fontsize=8)
@@ -91,18 +112,17 @@ def _draw(ax: plt.Axes, panel: Panel, scale: str, vmax: float | None = None) -> 
 
 
 def _rows(stored: StoredCheckpoint, scale: str) -> list[tuple[str, list[Panel]]]:
-    """(name, panels) for H̄ and for H̄⁻¹ (or H̄⁺ when the pseudo-inverse was used)."""
+    """(name, panels) for C̄ and for C̄⁻¹ (or C̄⁺ when the pseudo-inverse was used)."""
     groups = stored["partition/kind"], stored["partition/layer"], stored["partition/name"]
-    inv_attrs = stored.data_attrs.get("pseudo_hessian_inverse", {})
-    inverse_name = r"$\bar H^{+}$ (pseudo-inverse)" if inv_attrs.get("method") == "pseudo-inverse" \
-        else r"$\bar H^{-1}$"
-    matrices = [(r"$\bar H$", stored["pseudo_hessian"]), (inverse_name, stored["pseudo_hessian_inverse"])]
-    return [(name, blocks(normalized(m) if scale == "normalized" else m, *groups)) for name, m in matrices]
+    names, norm = matrix_names(stored), scale == "normalized"
+    inverse = names.tex(inverse=True, normalized=norm) + (" (pseudo-inverse)" if names.pseudo_inverse else "")
+    matrices = [(names.tex(normalized=norm), stored["pseudo_hessian"]), (inverse, stored["pseudo_hessian_inverse"])]
+    return [(name, blocks(normalized(m) if norm else m, *groups)) for name, m in matrices]
 
 
 def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale: str = "linear",
                    shared_scale: bool = False) -> Figure:
-    """Heatmaps of H̄ (top row) and H̄⁻¹ (bottom row): WW, BB, WB panels per checkpoint, side by side.
+    """Heatmaps of C̄ (top row) and C̄⁻¹ (bottom row): WW, BB, WB panels per checkpoint, side by side.
 
     One checkpoint gives the paper's 2 x 3 figure; several give a trajectory
     like its Figure 1, with one column group per checkpoint. Colour limits are
@@ -112,6 +132,8 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
     checkpoints = [stored] if isinstance(stored, StoredCheckpoint) else list(stored)
+    if len({matrix_names(ck).kind.name for ck in checkpoints}) > 1:
+        raise ValueError("the checkpoints were analysed with different curvatures and cannot share one figure")
     rows = [_rows(ck, scale) for ck in checkpoints]
     if len({len(r[0][1]) for r in rows}) != 1:
         raise ValueError("the checkpoints have different partitions and cannot share one figure")
@@ -120,20 +142,20 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
               for r in range(2) for c in range(npanels)} if shared_scale else {}
     size = max(3.2, 0.42 * max(len(p.rows) for p in rows[0][0][1]) + 1.6)
     ncols = npanels * len(checkpoints)
-    fig, axes = plt.subplots(2, ncols, figsize=(size * ncols + 0.8, 2 * size + 0.3), squeeze=False,
-                             layout="constrained")
+    fig = Figure(figsize=(size * ncols + 0.8, 2 * size + 0.3), layout="constrained")
+    axes = fig.subplots(2, ncols, squeeze=False)
     names = trajectory_labels(checkpoints)
     for k, (ck_name, ck_rows) in enumerate(zip(names, rows)):
         for r, (name, panels) in enumerate(ck_rows):
             for c, panel in enumerate(panels):
                 ax = axes[r, k * npanels + c]
                 _draw(ax, panel, scale, limits.get((r, c)))
-                prefix = "N(" + name + ")" if scale == "normalized" else name
                 label = f"{ck_name}\n" if len(checkpoints) > 1 and r == 0 else ""
-                ax.set_title(f"{label}{prefix}: {panel.title}", fontsize=10)
+                ax.set_title(f"{label}{name}: {panel.title}", fontsize=10)
     shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""
-    head = (figure_title(checkpoints[0], "pseudo-Hessian and inverse") if len(checkpoints) == 1 else
-            " → ".join(names) + f": {checkpoints[0].attrs.get('model')} on "
+    what = f"{matrix_names(checkpoints[0]).pseudo} and inverse"
+    head = (figure_title(checkpoints[0], what) if len(checkpoints) == 1 else
+            " → ".join(names) + f": {what}, {checkpoints[0].attrs.get('model')} on "
             f"{checkpoints[0].attrs.get('dataset')}")
     fig.suptitle(f"{head} — {scale} scale{shared}", fontsize=11)
     return fig

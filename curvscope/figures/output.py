@@ -5,13 +5,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # figures are files; no screen is needed
-from matplotlib.figure import Figure  # noqa: E402
-
-from curvscope import __version__  # noqa: E402
-from curvscope.errors import CurvscopeError  # noqa: E402
+from curvscope import __version__
+from curvscope.errors import CurvscopeError
 
 FORMATS = ("pdf", "png")
 DPI = 200
@@ -21,7 +18,8 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
     """Write `fig` to `base`.pdf and `base`.png; each file appears only once complete.
 
     `description` (what was drawn, from which file) goes into the PDF's Subject
-    and the PNG's Description metadata.
+    and the PNG's Description metadata. The files are drawn by matplotlib's own PDF and PNG canvases,
+    whatever backend the calling program uses; pyplot is not involved.
     """
     written = []
     try:

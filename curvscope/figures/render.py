@@ -1,23 +1,40 @@
 """Every figure of a results file, drawn from the stored data alone."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
 from curvscope.figures.heatmaps import SCALES, heatmap_figure
-from curvscope.figures.interactions import (distance_figure, has_interactions, outlined_heatmap_figure,
-                                            steps_figure)
+from curvscope.figures.interactions import distance_figure, has_interactions, outlined_heatmap_figure, steps_figure
 from curvscope.figures.output import save_figure
 from curvscope.figures.spectra import blocks_figure, density_figure, has_spectrum
-from curvscope.store.hdf5 import read_results
+from curvscope.figures.titles import matrix_names
+from curvscope.store.hdf5 import StoredCheckpoint, read_results
+
+TRAJECTORY = "trajectory"
 
 
 def default_figure_dir(results: Path) -> Path:
     """Where the figures of `results` go by default: a folder beside it named after it."""
     return results.with_suffix("")
+
+
+def trajectory_base(curvature: str) -> str:
+    """The file name stem of a trajectory's heatmaps: ``trajectory`` for the Hessian (as before curvatures
+    were recorded), ``trajectory-<curvature>`` for the others."""
+    return TRAJECTORY if curvature == "hessian" else f"{TRAJECTORY}-{curvature}"
+
+
+def by_curvature(stored: Sequence[StoredCheckpoint]) -> dict[str, list[StoredCheckpoint]]:
+    """The checkpoints grouped by the curvature they were analysed with, in order of first appearance."""
+    groups: dict[str, list[StoredCheckpoint]] = {}
+    for ck in stored:
+        groups.setdefault(matrix_names(ck).kind.name, []).append(ck)
+    return groups
 
 
 def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
@@ -26,10 +43,13 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
     """Draw the figures of every (or each named) checkpoint of `results` as PDF and PNG in `out_dir`.
 
     ``<label>-heatmaps-<scale>`` per scale; ``<label>-interactions-{distance,steps,blocks}``
-    (the last with entries within 2 standard errors greyed when `grey_insignificant`); with spectra, ``<label>-spectrum-density``
-    (redrawn with σ = `density_width` x span when given) and ``<label>-spectrum-blocks``. With
-    several checkpoints of one model, also ``trajectory-heatmaps-<scale>``: all of them side by
-    side, with colour limits shared across checkpoints when `shared_scale`.
+    (the last with entries within 2 standard errors greyed when `grey_insignificant`); with spectra,
+    ``<label>-spectrum-density`` (redrawn with σ = `density_width` x span when given) and
+    ``<label>-spectrum-blocks``. Labels name the curvature (``x`` for the Hessian, ``x@ggn``, ``x@fisher``).
+    With several checkpoints of one model analysed with one curvature, also
+    ``trajectory-heatmaps-<scale>`` (Hessian) or ``trajectory-<curvature>-heatmaps-<scale>``: all of them
+    side by side, with colour limits shared across checkpoints when `shared_scale`. A trajectory never
+    mixes curvatures.
     """
     for scale in scales:
         if scale not in SCALES:
@@ -45,36 +65,48 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
         raise CurvscopeError(f"{str(results)!r} holds no checkpoints to render.")
     out_dir = out_dir or default_figure_dir(results)
     written: list[Path] = []
-    if len(stored) > 1 and len({tuple(ck["partition/name"]) for ck in stored}) == 1:
+    for curvature, group in by_curvature(stored).items():
+        if len(group) < 2 or len({tuple(ck["partition/name"]) for ck in group}) != 1:
+            continue  # a trajectory needs several checkpoints of one model
+        names = matrix_names(group[0])
         for scale in scales:
-            fig = heatmap_figure(stored, scale, shared_scale)
-            try:
-                written += save_figure(fig, out_dir / f"trajectory-heatmaps-{scale}",
-                                       f"heatmaps of the pseudo-Hessian and its inverse across checkpoints "
-                                       f"{', '.join(ck.label for ck in stored)} of {results.name}, {scale} scale")
-            finally:
-                plt.close(fig)
+            written += _save(lambda s=scale: heatmap_figure(group, s, shared_scale),
+                             out_dir / f"{trajectory_base(curvature)}-heatmaps-{scale}",
+                             f"heatmaps of the {names.pseudo} {names.bar} and its inverse across "
+                             f"checkpoints {', '.join(ck.label for ck in group)} of {results.name}, "
+                             f"{scale} scale")
     for ck in stored:
+        names = matrix_names(ck)
         origin = (f"checkpoint {ck.label!r} of {results.name} (source {ck.attrs.get('source')}, "
                   f"sha256 {ck.attrs.get('sha256')})")
         figures = [(f"heatmaps-{scale}", lambda s=scale: heatmap_figure(ck, s),
-                    f"heatmaps of the pseudo-Hessian and its inverse, {scale} scale") for scale in scales]
+                    f"heatmaps of the {names.pseudo} {names.bar} and its inverse, {scale} scale")
+                   for scale in scales]
         if has_interactions(ck):
             figures += [("interactions-distance", lambda: distance_figure(ck),
-                         "interaction between layers against their distance"),
+                         f"interaction between layers in {names.bar} and its inverse against their distance"),
                         ("interactions-steps", lambda: steps_figure(ck),
-                         "step efficiency and predicted against actual loss decrease"),
+                         f"step efficiency under {names.bar} and predicted against actual loss decrease"),
                         ("interactions-blocks", lambda: outlined_heatmap_figure(ck, grey_insignificant),
-                         "normalised pseudo-Hessian and inverse with the layer blocks outlined")]
+                         f"normalised {names.pseudo} {names.bar} and its inverse with the layer blocks outlined")]
         if has_spectrum(ck):
             figures += [("spectrum-density", lambda: density_figure(ck, density_width),
-                         "SLQ density of the Hessian eigenvalues"),
+                         f"SLQ density of the eigenvalues of {names.matrix}"),
                         ("spectrum-blocks", lambda: blocks_figure(ck),
-                         "top eigenvalues and traces of the diagonal blocks of the Hessian")]
+                         f"top eigenvalues and traces of the diagonal blocks of {names.matrix}")]
         for name, draw, what in figures:
-            fig = draw()
-            try:
-                written += save_figure(fig, out_dir / f"{ck.label}-{name}", f"{what}; {origin}")
-            finally:
-                plt.close(fig)
+            written += _save(draw, out_dir / f"{ck.label}-{name}", f"{what}; {origin}")
     return written
+
+
+def _save(draw: Callable[[], Figure], base: Path, description: str) -> list[Path]:
+    """Draw and save one figure; stored values that cannot be drawn (a tampered file's 1e308 or all-NaN
+    density) are reported as bad input."""
+    try:
+        with warnings.catch_warnings():  # overflow in colour scaling is reported below, not as numpy's warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return save_figure(draw(), base, description)
+    except (ValueError, OverflowError, FloatingPointError) as exc:
+        raise CurvscopeError(f"the figure {base.name} cannot be drawn from the values stored "
+                             f"({summary(exc)}): the results file holds values no analysis writes; use an intact "
+                             f"copy or analyse the checkpoint again.") from None

@@ -1,16 +1,12 @@
 """Spectrum figures from the stored file: the SLQ density, and per-block top eigenvalues and traces."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from curvscope.measures.density import gaussian_density  # noqa: E402
-from curvscope.figures.titles import figure_title  # noqa: E402
-from curvscope.store.hdf5 import StoredCheckpoint  # noqa: E402
+from curvscope.figures.titles import figure_title, matrix_names
+from curvscope.measures.density import gaussian_density
+from curvscope.store.hdf5 import StoredCheckpoint
 
 
 def has_spectrum(stored: StoredCheckpoint) -> bool:
@@ -19,7 +15,7 @@ def has_spectrum(stored: StoredCheckpoint) -> bool:
 
 
 def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figure:
-    """The SLQ eigenvalue density of H on a log scale, with the extreme eigenvalues marked.
+    """The SLQ eigenvalue density of the curvature C (H, G or F) on a log scale, with the extreme eigenvalues marked.
 
     With `width`, the density is redrawn from the stored nodes and weights with σ = width x span.
     """
@@ -29,7 +25,9 @@ def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figu
         grid, dens, sigma = stored[d + "grid"], stored[d + "density"], float(attrs.get("sigma", np.nan))
     else:
         grid, dens, sigma = gaussian_density(stored[d + "nodes"], stored[d + "weights"], width=width)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    names = matrix_names(stored)
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
     floor = dens.max() * 1e-12
     ax.semilogy(grid, np.maximum(dens, floor), color="#1f4e79", lw=1.4,
                 label=f"SLQ density ({int(attrs.get('runs', 0))} run(s) × {int(attrs.get('steps', 0))} steps, "
@@ -43,9 +41,9 @@ def density_figure(stored: StoredCheckpoint, width: float | None = None) -> Figu
             ax.axvline(v, color=color, lw=0.8, ls="-" if c else "--", alpha=0.8,
                        label=f"{end}-{len(values)} Lanczos (dashed: not converged)" if i == 0 else None)
     ax.set_ylim(bottom=max(floor, dens.max() * 1e-8))
-    ax.set_xlabel("eigenvalue λ of the Hessian")
+    ax.set_xlabel(f"eigenvalue λ of {names.matrix}")
     ax.set_ylabel("density")
-    ax.set_title(figure_title(stored, "Hessian spectrum"), fontsize=9)
+    ax.set_title(figure_title(stored, names.spectrum), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     return fig
 
@@ -57,10 +55,12 @@ def _blocks(stored: StoredCheckpoint, kind: str) -> list[str]:
 
 
 def blocks_figure(stored: StoredCheckpoint) -> Figure:
-    """Top-k eigenvalues (hollow: not converged) and Hutch++ traces (± 1 stderr) of every diagonal block."""
+    """Top-k eigenvalues (hollow: not converged) and Hutch++ traces (± 1 stderr) of every diagonal block C_BB."""
     kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 + 0.45 * max(len(_blocks(stored, k)) for k in kinds)
-                                                     * len(kinds), 6.4), squeeze=False, layout="constrained")
+    c_bb = f"{matrix_names(stored).symbol}_BB"
+    fig = Figure(figsize=(4.2 + 0.45 * max(len(_blocks(stored, k)) for k in kinds) * len(kinds), 6.4),
+                 layout="constrained")
+    axes = fig.subplots(2, len(kinds), squeeze=False)
     for c, kind in enumerate(kinds):
         groups = _blocks(stored, kind)
         x = np.arange(len(groups))
@@ -75,12 +75,12 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
         else:
             ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
         ax.set_title(f"top eigenvalues of each {kind} block", fontsize=10)
-        ax.set_ylabel("eigenvalue of H_BB")
+        ax.set_ylabel(f"eigenvalue of {c_bb}")
         tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups])
         se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups])
         axes[1, c].bar(x, tr, yerr=se, color="#4393c3", ecolor="black", capsize=3)
         axes[1, c].set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
-        axes[1, c].set_ylabel("tr(H_BB)")
+        axes[1, c].set_ylabel(f"tr({c_bb})")
         if np.all(tr > 0):
             axes[1, c].set_yscale("log")
         for ax in axes[:, c]:

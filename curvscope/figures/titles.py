@@ -1,9 +1,76 @@
 """Figure titles that say what was analysed, from a stored checkpoint's attributes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+from curvscope.curvature.kinds import CurvatureKind, curvature_kind
 from curvscope.store.hdf5 import StoredCheckpoint
+
+@dataclass(frozen=True)
+class MatrixNames:
+    """How figures name a checkpoint's curvature C, its projection C̄ = UᵀCU and C̄'s inverse.
+
+    The stored datasets keep their Hessian names (``pseudo_hessian`` holds C̄ whatever C is);
+    the words and symbols here follow the record's ``curvature`` attribute.
+    """
+
+    kind: CurvatureKind
+    pseudo_inverse: bool  # C̄⁺ (Moore-Penrose) was stored in place of C̄⁻¹
+
+    @property
+    def symbol(self) -> str:
+        """C's letter: H, G or F."""
+        return self.kind.symbol
+
+    @property
+    def bar(self) -> str:
+        """C̄ in plain text: H̄, Ḡ or F̄."""
+        return self.kind.bar
+
+    def tex(self, inverse: bool = False, normalized: bool = False) -> str:
+        r"""C̄, or the stored inverse (C̄⁻¹, or C̄⁺ for the pseudo-inverse), as mathtext, in N(·) when `normalized`.
+
+        ``$\bar{H}$``, ``$\bar{G}^{-1}$``, ``$N(\bar{F}^{+})$``.
+        """
+        math = rf"\bar{{{self.symbol}}}"
+        if inverse:
+            math += "^{+}" if self.pseudo_inverse else "^{-1}"
+        return f"$N({math})$" if normalized else f"${math}$"
+
+    @property
+    def short(self) -> str:
+        """C's name in a compound: Hessian, GGN, Fisher."""
+        return self.kind.short
+
+    @property
+    def pseudo(self) -> str:
+        """C̄'s name: pseudo-Hessian, pseudo-GGN, pseudo-Fisher."""
+        return f"pseudo-{self.short}"
+
+    @property
+    def matrix(self) -> str:
+        """C in prose, with its letter: "the Hessian H", "the generalised Gauss-Newton matrix G"."""
+        return f"the {self.kind.title} {self.symbol}"
+
+    @property
+    def spectrum(self) -> str:
+        """Title of C's spectrum: "Hessian spectrum", "GGN spectrum"."""
+        return f"{self.short} spectrum"
+
+
+def matrix_names(stored: StoredCheckpoint) -> MatrixNames:
+    """The names of `stored`'s curvature (the Hessian in files written before curvatures were recorded).
+
+    A curvature this version does not know (a newer file) is named generically, C̄, by its stored name.
+    """
+    name = str(stored.attrs.get("curvature") or "")
+    try:
+        kind = curvature_kind(name)
+    except ValueError:
+        kind = CurvatureKind(name, "C", f"curvature {name!r}", name)
+    method = stored.data_attrs.get("pseudo_hessian_inverse", {}).get("method")
+    return MatrixNames(kind, method == "pseudo-inverse")
 
 
 def describe(stored: StoredCheckpoint) -> str:

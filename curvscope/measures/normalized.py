@@ -1,4 +1,4 @@
-"""The scale-invariant normalisation N(M) of DESIGN.md §2."""
+"""The scale-invariant normalisation N(M) of docs/DESIGN.md §2."""
 from __future__ import annotations
 
 import numpy as np

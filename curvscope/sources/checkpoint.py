@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
+from curvscope.sources.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, is_bundle, read_bundle
+from curvscope.sources.exported import Exported, load_exported_program  # noqa: F401 - Exported: re-exported
 from curvscope.sources.losses import LossFn, build_loss
-from curvscope.sources.zoo import build_model
+from curvscope.sources.zoo import MODELS, build_model
 
-BUNDLE_FORMAT = "curvscope-checkpoint"
-BUNDLE_VERSION = 1
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _read(path: Path, trust: bool = False) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=False)
             except Exception as inner:  # noqa: BLE001 - the user's pickle may fail in any way
                 raise CurvscopeError(f"{str(path)!r} could not be unpickled even with --trust-checkpoint: "
-                                     f"{type(inner).__name__}: {inner}.") from None
+                                     f"{summary(inner)}.") from None
         if _is_pickle(path):
             raise CurvscopeError(
                 f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
@@ -100,11 +100,12 @@ def _read(path: Path, trust: bool = False) -> Any:
                 "the file: pass --trust-checkpoint if you made it yourself, or better, save the "
                 "model's state_dict (or a curvscope bundle) and name the model with --model."
             ) from None
-        raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint: {exc}.") from None
+        raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint (torch.save file) that curvscope can "
+                             f"read safely: it is neither a zip archive nor a pickle of tensors.") from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails on damaged files in many ways (KeyError, ...)
         raise CurvscopeError(
             f"{str(path)!r} is not a readable PyTorch checkpoint (truncated or not a torch.save "
-            f"file): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ") + "."
+            f"file): {summary(exc)}."
         ) from None
 
 
@@ -137,8 +138,8 @@ def _strip_prefixes(state: dict, own: dict) -> dict:
     return state
 
 
-def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
-    own = model.state_dict()
+def _fitted(own: dict, state_dict: dict, path: Path) -> dict:
+    """`state_dict` with its keys matched to the model's state `own`; an error naming every misfit."""
     state_dict = _strip_prefixes(state_dict, own)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -153,8 +154,23 @@ def _load_weights(model: nn.Module, state_dict: dict, path: Path) -> None:
         if wrong:
             parts.append("wrong shape: " + "; ".join(wrong))
         raise CurvscopeError(f"the weights in {str(path)!r} do not fit the model ({'; '.join(parts)}).")
-    model.load_state_dict(state_dict)
+    return state_dict
+
+
+def _model_with_weights(name: str, kwargs: dict, state_dict: dict, path: Path) -> nn.Module:
+    """Build model `name` and load `state_dict` into it.
+
+    A zoo model is first built on the meta device (no memory) and checked
+    against the weights, so that arguments from a file cannot make curvscope
+    allocate a model far larger than the weights the file holds.
+    """
+    if name in MODELS:
+        with torch.device("meta"):
+            _fitted(build_model(name, kwargs).state_dict(), state_dict, path)
+    model = build_model(name, kwargs)
+    model.load_state_dict(_fitted(model.state_dict(), state_dict, path))
     _check_finite(model, path)
+    return model
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:
@@ -163,31 +179,10 @@ def _check_finite(model: nn.Module, path: Path) -> None:
         raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
 
 
-class Exported(nn.Module):
-    """A torch.export program's module; its mode was fixed at export, so train()/eval() only set the flag."""
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.exported = program
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.exported(*args)
-
-    def train(self, mode: bool = True) -> "Exported":
-        self.training = mode
-        return self
-
-
-def _load_exported(path: Path, model: str | None, loss: str | None, data: dict | None) -> Checkpoint:
+def _load_exported(path: Path, model: str | None, loss: str | None, data: dict | None,
+                   trust: bool = False) -> Checkpoint:
     """A torch.export program (.pt2): its module, with the loss and data named on the command line."""
-    if not path.is_file():
-        raise CurvscopeError(f"checkpoint {str(path)!r} does not exist.")
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:  # noqa: BLE001 - damaged archives fail in many ways
-        raise CurvscopeError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}.") from None
-    net = Exported(program.module())
+    net = load_exported_program(path, trust=trust)
     _check_finite(net, path)
     name = loss or "cross_entropy"
     return Checkpoint(model=net, loss_fn=build_loss(name), loss=name, model_name=model or "torch.export program",
@@ -201,29 +196,25 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs:
     Reads a curvscope bundle, a plain state_dict, or a wrapped one
     ({"state_dict" | "model_state_dict" | "model": state_dict, "epoch": ...},
     keys possibly prefixed "module." or "model."), or a torch.export program
-    (.pt2, exported with a dynamic batch dimension). Arguments given here override
-    what the bundle records; a state_dict needs at least `model` (a zoo name or
-    "package.module:factory"). A whole pickled nn.Module is loaded only with
-    `trust=True`, as unpickling it runs code from the file.
+    (.pt2, exported with a dynamic batch dimension; see `curvscope.sources.exported`).
+    Arguments given here override what the bundle records; a state_dict needs at
+    least `model` (a zoo name or "package.module:factory"). A whole pickled
+    nn.Module, or a .pt2 program whose members need more than torch's restricted
+    unpickler, is loaded only with `trust=True`, as unpickling it runs code from the file.
     """
     path = Path(path)
     if path.suffix == ".pt2":
-        return _load_exported(path, model, loss, data)
+        return _load_exported(path, model, loss, data, trust)
     obj = _read(path, trust)
     if isinstance(obj, nn.Module):
         name = model or type(obj).__name__
         return Checkpoint(model=obj.eval(), loss_fn=build_loss(
             loss or "cross_entropy"), loss=loss or "cross_entropy", model_name=name, model_kwargs={},
             data=dict(data or {}), source=str(path), sha256=file_sha256(path))
-    if isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT:
-        if obj.get("version") != BUNDLE_VERSION:
-            raise CurvscopeError(f"{str(path)!r} is a curvscope bundle of version {obj.get('version')}; "
-                                 f"this curvscope reads version {BUNDLE_VERSION}.")
-        name = model or obj["model"]["name"]
-        kwargs = model_kwargs if model_kwargs is not None else dict(obj["model"]["kwargs"])
-        state, loss_name = obj["state_dict"], loss or obj["loss"]
-        data_spec = data if data is not None else dict(obj.get("data", {}))
-        epoch, training = int(obj.get("epoch", -1)), dict(obj.get("training", {}))
+    if is_bundle(obj):
+        fields = read_bundle(obj, path, trust, model=model, model_kwargs=model_kwargs, data=data, loss=loss)
+        name, kwargs, state, loss_name = fields.model, fields.model_kwargs, fields.state_dict, fields.loss
+        data_spec, epoch, training = fields.data, fields.epoch, fields.training
     elif _unwrap(obj)[0] is not None:
         if model is None:
             raise CurvscopeError(f"{str(path)!r} is a plain state_dict, which does not say which "
@@ -236,8 +227,7 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs:
         raise CurvscopeError(f"{str(path)!r} is not a curvscope checkpoint bundle or a state_dict "
                              f"(it holds a {type(obj).__name__}"
                              f"{' with keys ' + ', '.join(map(str, list(obj)[:8])) if isinstance(obj, dict) else ''}).")
-    net = build_model(name, kwargs)
-    _load_weights(net, state, path)
+    net = _model_with_weights(name, kwargs, state, path)
     return Checkpoint(model=net.eval(), loss_fn=build_loss(loss_name), loss=loss_name,
                       model_name=name, model_kwargs=kwargs, data=data_spec, epoch=epoch,
                       training=training, source=str(path), sha256=file_sha256(path))

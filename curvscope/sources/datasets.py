@@ -7,20 +7,30 @@ mean and standard deviation, split 80/20 by a fixed seeded permutation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
 from curvscope.sources import files
 from curvscope.sources.plugins import call_plugin
 
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+MAX_ELEMENTS = 2 ** 31  # inputs of at most 8 GiB in float32: larger requests are refused, not attempted
+
+
+def _check_size(elements: int, what: str) -> None:
+    if elements > MAX_ELEMENTS:
+        raise CurvscopeError(f"{what} would hold {elements:.3g} input values, more than the {MAX_ELEMENTS:.3g} "
+                             f"curvscope makes in memory: ask for fewer samples or smaller inputs.")
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ def digits(split: str = "train", size: int = 32) -> Dataset:
     _check_split(split)
     from sklearn.datasets import load_digits
 
+    _check_size(1797 * size * size, f"digits at size {size}")
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
     if size != 8:
@@ -62,6 +73,7 @@ def synthetic(split: str = "train", shape: Sequence[int] = (3, 32, 32), num_clas
               n: int = 1024, seed: int = 0) -> Dataset:
     """Seeded N(0, 1) inputs of `shape` with uniform labels in [0, num_classes)."""
     _check_split(split)
+    _check_size(n * math.prod(shape), f"synthetic data of {n} samples of shape {tuple(shape)}")
     gen = torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
     x = torch.randn((n, *shape), generator=gen)
     y = torch.randint(0, num_classes, (n,), generator=gen)
@@ -81,20 +93,44 @@ DATASETS: dict[str, Callable[..., Dataset]] = {"digits": digits, "synthetic": sy
                                                "mnist": _from_files(files.mnist), "npz": _from_files(files.npz)}
 
 
+def _stack(items: list, spec: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of (inputs, targets) pairs, stacked (`what` = "samples") or concatenated ("batches")."""
+    join = torch.stack if what == "samples" else torch.cat
+    try:
+        pairs = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in items]
+        return join([x for x, _ in pairs]), join([y for _, y in pairs])
+    except Exception as exc:  # noqa: BLE001 - whatever the plug-in's items are
+        raise CurvscopeError(f"the data plug-in {spec!r} gave {what} that are not (inputs, targets) pairs of "
+                             f"tensors or arrays of one shape: {summary(exc)}.") from None
+
+
 def _plugin_dataset(spec: str, split: str, kwargs: dict | None) -> Dataset:
-    """A Dataset from "package.module:function" (called with split=... and `kwargs`), which may return a
-    Dataset, a DataLoader or any iterable of (inputs, targets) batches."""
+    """A Dataset from "package.module:function" (called with split=... and `kwargs`).
+
+    The function may return a curvscope Dataset, a map-style or iterable
+    ``torch.utils.data.Dataset`` of (input, target) samples (a TensorDataset, say),
+    a DataLoader, or any other iterable of (inputs, targets) batches.
+    """
     obj = call_plugin(spec, {"split": split, **(kwargs or {})}, "data")
     if isinstance(obj, Dataset):
         return obj
-    try:
-        pairs = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in obj]
-    except Exception as exc:  # noqa: BLE001 - whatever the plug-in returned
-        raise CurvscopeError(f"the data plug-in {spec!r} returned a {type(obj).__name__}, not a Dataset, a "
-                             f"DataLoader or an iterable of (inputs, targets): {type(exc).__name__}: {exc}.") from None
-    if not pairs:
-        raise CurvscopeError(f"the data plug-in {spec!r} returned no batches.")
-    return Dataset(torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs]))
+    if isinstance(obj, TorchDataset) and not isinstance(obj, IterableDataset):
+        try:
+            items = [obj[i] for i in range(len(obj))]  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the plug-in's __len__ or __getitem__
+            raise CurvscopeError(f"the data plug-in {spec!r} returned a {type(obj).__name__} whose samples cannot "
+                                 f"be read by index: {summary(exc)}.") from None
+        what = "samples"
+    else:
+        try:
+            items = list(obj)
+        except Exception as exc:  # noqa: BLE001 - not iterable, or its iterator fails
+            raise CurvscopeError(f"the data plug-in {spec!r} returned a {type(obj).__name__}, not a Dataset, a "
+                                 f"DataLoader or an iterable of (inputs, targets): {summary(exc)}.") from None
+        what = "samples" if isinstance(obj, IterableDataset) else "batches"
+    if not items:
+        raise CurvscopeError(f"the data plug-in {spec!r} returned no {what}.")
+    return Dataset(*_stack(items, spec, what))
 
 
 def build_dataset(name: str, split: str = "train", kwargs: dict | None = None) -> Dataset:
@@ -105,8 +141,11 @@ def build_dataset(name: str, split: str = "train", kwargs: dict | None = None) -
         raise CurvscopeError(f"unknown data set {name!r}: choose one of {', '.join(sorted(DATASETS))}.")
     try:
         return DATASETS[name](split=split, **(kwargs or {}))
-    except TypeError as exc:
-        raise CurvscopeError(f"data set {name!r} does not accept the arguments {kwargs!r}: {exc}.") from None
+    except CurvscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - arguments of the wrong type or value fail in many ways
+        raise CurvscopeError(f"data set {name!r} cannot be made with the arguments {kwargs!r} ({summary(exc)}): "
+                             f"give valid ones with --data-kwargs.") from None
 
 
 def analysis_batches(data: Dataset, samples: int | None, batch_size: int, seed: int | None = None,

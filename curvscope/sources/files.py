@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -105,14 +105,21 @@ def npz(split: str = "train", root: str | None = None) -> tuple[torch.Tensor, to
     """Arrays x, y (or x_<split>, y_<split>) from an .npz file, without pickle."""
     path = _root(root, "npz")
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as arrays:  # closed even when np.load fails
             keys = (f"x_{split}", f"y_{split}") if f"x_{split}" in arrays else ("x", "y")
             if not set(keys) <= set(arrays.files):
                 raise CurvscopeError(f"{str(path)!r} holds {', '.join(arrays.files)}; it needs arrays x and y "
                                      f"(or x_{split} and y_{split}).")
             x, y = arrays[keys[0]], arrays[keys[1]]
-    except (OSError, ValueError) as exc:
-        raise CurvscopeError(f"{str(path)!r} is not a readable npz file: {exc}.") from None
+    except CurvscopeError:
+        raise
+    except ValueError as exc:  # numpy refuses object arrays without pickle; its advice to allow pickle is not ours
+        if "pickle" in str(exc):
+            raise CurvscopeError(f"{str(path)!r} holds Python objects (object arrays), which curvscope does not "
+                                 f"unpickle: save x and y as plain numeric arrays.") from None
+        raise CurvscopeError(f"{str(path)!r} is not a readable npz file: {summary(exc)}.") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged zip fails in many ways (OSError, BadZipFile, EOFError)
+        raise CurvscopeError(f"{str(path)!r} is not a readable npz file: {summary(exc)}.") from None
     if len(x) != len(y):
         raise CurvscopeError(f"{str(path)!r}: x holds {len(x)} samples but y holds {len(y)}.")
     xt = torch.from_numpy(np.ascontiguousarray(x))

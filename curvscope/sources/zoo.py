@@ -1,6 +1,6 @@
 """The model zoo: the paper's LeNet-5 and VGG-11', and a small MLP, by name.
 
-Architectures follow DESIGN.md §2 (from the author's code). Weights are drawn
+Architectures follow docs/DESIGN.md §2 (from the author's code). Weights are drawn
 from N(0, sigma_w^2 / fan_in), biases are zero; the networks end in a
 log-softmax so that the paper's NLL loss applies (cross-entropy on log-softmax
 outputs gives the same value).
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, summary
 from curvscope.sources.plugins import call_plugin
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -143,5 +143,8 @@ def build_model(name: str, kwargs: dict | None = None) -> nn.Module:
         )
     try:
         return MODELS[name](**(kwargs or {}))
-    except TypeError as exc:
-        raise CurvscopeError(f"model {name!r} does not accept the arguments {kwargs!r}: {exc}.") from None
+    except CurvscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - arguments of the wrong type or value fail in many ways
+        raise CurvscopeError(f"model {name!r} cannot be built with the arguments {kwargs!r} ({summary(exc)}): "
+                             f"give valid ones with --model-kwargs.") from None

@@ -1,48 +1,84 @@
-"""The HDF5 results file, schema version 1 (DESIGN.md §3), written atomically.
+"""The HDF5 results file, schema version 1 (DESIGN.md §3; declared in :mod:`curvscope.store.schema`).
 
-Writes go to a temporary file beside the target (a copy of it when it exists)
-which replaces the target only once complete, so a failed or interrupted run
-leaves an earlier results file exactly as it was.
+Reading goes through one validating reader (:mod:`curvscope.store.reader`): nothing uses a
+file's data before its whole layout has been checked. Writing holds the file's lock
+(:mod:`curvscope.store.lock`), builds the new file in memory from the old one and the new
+records, and replaces the file at once (:mod:`curvscope.store.atomic`), so concurrent
+writers lose nothing and a failed or interrupted write leaves the old file as it was.
 """
 from __future__ import annotations
 
+import io
 import os
-import shutil
+import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from curvscope import __version__
-from curvscope.analysis import AnalysisRecord
 from curvscope.errors import CurvscopeError
-from curvscope.measures.interactions import GROUPINGS, PARTS, SIGNIFICANCE, Interactions
+from curvscope.measures.interactions import GROUPINGS, PARTS, SIGNIFICANCE
 from curvscope.measures.normalized import normalized
-from curvscope.results import EigenResult, SpectrumResult, TraceResult
+from curvscope.store.atomic import replace_file
+from curvscope.store.lock import exclusive_lock
+from curvscope.store.reader import ResultsFile, StoredCheckpoint, parse
+from curvscope.store.schema import FORMAT, NAME_PATTERN, SCHEMA_VERSION
 
-FORMAT = "curvscope"
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from curvscope.analysis import AnalysisRecord
+    from curvscope.measures.interactions import Interactions
+    from curvscope.results import EigenResult, SpectrumResult, TraceResult
+
+__all__ = ["FORMAT", "SCHEMA_VERSION", "ResultsFile", "StoredCheckpoint", "check_label", "check_writable", "describe",
+           "open_results", "read_results", "stored_labels", "write_records"]
+
 STR = h5py.string_dtype()
 
 
-@dataclass(frozen=True)
-class StoredCheckpoint:
-    """One /checkpoints/<label> group read back: attributes and every dataset as numpy."""
-
-    label: str
-    attrs: dict
-    data: dict  # dataset path inside the group -> np.ndarray (strings decoded)
-    data_attrs: dict  # dataset or subgroup path -> attrs dict
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self.data[key]
+def _cannot_write(path: Path, exc: OSError) -> CurvscopeError:
+    return CurvscopeError(f"cannot write the results file {str(path)!r}: {exc.strerror or exc}; "
+                          f"it was left as it was.")
 
 
-def check_writable(path: Path) -> None:
-    """Fail early, before any computation, when `path` cannot be written."""
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of the results file `path`, refusing what is missing or not a file."""
+    if not path.exists():
+        raise CurvscopeError(f"results file {str(path)!r} does not exist.")
+    if path.is_dir():
+        raise CurvscopeError(f"results file {str(path)!r} is a folder, not a file.")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CurvscopeError(f"cannot read the results file {str(path)!r}: {exc.strerror or exc}.") from None
+
+
+def open_results(path: Path) -> ResultsFile:
+    """The results file `path`, read whole and checked against the schema.
+
+    Refuses, with a :class:`CurvscopeError` naming the problem, files that are missing, not
+    HDF5, foreign, of a newer schema, truncated, corrupted or laid out otherwise.
+    """
+    return parse(_read_bytes(path), str(path))
+
+
+def read_results(path: Path) -> list[StoredCheckpoint]:
+    """Every checkpoint group of the results file `path`, in label order."""
+    return open_results(path).checkpoints
+
+
+def stored_labels(path: Path) -> list[str]:
+    """Labels of the checkpoints already in `path` (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [ck.label for ck in read_results(path)]
+
+
+def _probe_folder(path: Path) -> None:
+    """Refuse `path` when its folder cannot be made or written, or when it is a folder itself."""
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,41 +87,19 @@ def check_writable(path: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise CurvscopeError(f"cannot write the results file {str(path)!r}: {exc.strerror or exc}.") from None
+    if path.is_dir():
+        raise CurvscopeError(f"cannot write the results file {str(path)!r}: it is a folder.")
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any computation, when `path` cannot be written or is not a valid results file."""
+    _probe_folder(path)
     if path.exists():
-        if path.is_dir():
-            raise CurvscopeError(f"cannot write the results file {str(path)!r}: it is a folder.")
-        open_results(path).close()  # refuses foreign or newer files before any work
-
-
-def open_results(path: Path, mode: str = "r") -> h5py.File:
-    """Open an existing curvscope results file, refusing foreign files and newer schemas."""
-    if not path.exists():
-        raise CurvscopeError(f"results file {str(path)!r} does not exist.")
-    if not h5py.is_hdf5(path):
-        raise CurvscopeError(f"{str(path)!r} is not an HDF5 file (is it a checkpoint rather than results?).")
-    fh = h5py.File(path, mode)
-    if fh.attrs.get("format") != FORMAT:
-        fh.close()
-        raise CurvscopeError(f"{str(path)!r} is an HDF5 file but not a curvscope results file.")
-    version = int(fh.attrs.get("schema_version", -1))
-    if version > SCHEMA_VERSION:
-        fh.close()
-        raise CurvscopeError(f"{str(path)!r} uses results schema version {version}, newer than the "
-                             f"version {SCHEMA_VERSION} this curvscope ({__version__}) reads: upgrade curvscope.")
-    return fh
-
-
-def stored_labels(path: Path) -> list[str]:
-    """Labels of the checkpoints already in `path` (none when it does not exist)."""
-    if not path.exists():
-        return []
-    with open_results(path) as fh:
-        return sorted(fh.get("checkpoints", {}).keys())
+        open_results(path)  # refuses foreign, newer or damaged files before any work
 
 
 def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
-    if rec.label in root:
-        del root[rec.label]
+    """The group /checkpoints/<label> of one record (DESIGN.md §3)."""
     grp = root.create_group(rec.label)
     for key, value in rec.attrs.items():
         grp.attrs[key] = value
@@ -169,107 +183,138 @@ def _write_spectrum(grp: h5py.Group, spec: SpectrumResult, pseudo_hessian: np.nd
         _write_trace(bg, b.trace)
 
 
-def write_records(path: Path, records: Sequence[AnalysisRecord]) -> None:
-    """Add (or replace) `records` in the results file `path`, atomically."""
-    check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+def check_label(label: str) -> None:
+    """Refuse a checkpoint label that cannot name a group of the results file (see NAME_PATTERN)."""
     try:
-        if path.exists():
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if path.exists() else "w") as fh:
-            fh.attrs["format"] = FORMAT
-            fh.attrs["schema_version"] = SCHEMA_VERSION
-            fh.attrs["curvscope_version"] = __version__
-            root = fh.require_group("checkpoints")
-            for rec in records:
-                _write_record(root, rec)
-        with tmp.open("rb") as fh_sync:
-            os.fsync(fh_sync.fileno())
-        os.replace(tmp, path)
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CurvscopeError(f"the checkpoint label {label!r} is not valid text: rename the checkpoint file.") from None
+    if not re.fullmatch(NAME_PATTERN, label):
+        raise CurvscopeError(f"the checkpoint label {label!r} cannot name a group of the results file (it must be "
+                             f"printable, without '/', and not '.'): rename the checkpoint file.")
+
+
+def _with_records(old: bytes | None, records: Sequence[AnalysisRecord]) -> bytes:
+    """The bytes of a new results file: the checkpoints of `old` (None: none) that `records` do not
+    replace, copied as they are, and `records`. Built afresh, so rewriting never grows the file."""
+    bio = io.BytesIO()
+    with h5py.File(bio, "w") as fh:
+        fh.attrs["format"] = FORMAT
+        fh.attrs["schema_version"] = SCHEMA_VERSION
+        fh.attrs["curvscope_version"] = __version__
+        root = fh.create_group("checkpoints")
+        if old:
+            _copy_checkpoints(old, root, {rec.label for rec in records})
+        for rec in records:
+            _write_record(root, rec)
+    return bio.getvalue()
+
+
+def _copy_checkpoints(old: bytes, root: h5py.Group, skip: set[str]) -> None:
+    """Copy every checkpoint group of the results file `old` into `root`, except those labelled in `skip`."""
+    with h5py.File(io.BytesIO(old), "r") as src:
+        for label in src.get("checkpoints", {}):
+            if label not in skip:
+                src.copy(src["checkpoints"][label], root, name=label)
+
+
+def write_records(path: Path, records: Sequence[AnalysisRecord],
+                  on_wait: Callable[[str], None] | None = None) -> None:
+    """Add (or replace) `records` in the results file `path`, atomically.
+
+    Holds the file's lock from reading the old file to renaming the new one into place;
+    when another process holds it, `on_wait` (if given) is called once with a message and
+    this one waits. A full disk or an I/O error raises :class:`CurvscopeError` and leaves
+    the old file exactly as it was, with no temporary file behind.
+    """
+    records = list({rec.label: rec for rec in records}.values())  # one per label, the last given
+    for rec in records:
+        check_label(rec.label)
+    _probe_folder(path)
+    try:
+        with exclusive_lock(path, on_wait):
+            old = _read_bytes(path) if path.exists() else None
+            if old is not None:
+                parse(old, str(path))  # refuses foreign, newer or damaged files, read under the lock
+            new = _with_records(old, records)
+            _check_written(new, path)
+            replace_file(path, new)
     except OSError as exc:
-        raise CurvscopeError(f"cannot write the results file {str(path)!r}: {exc.strerror or exc}.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
 
 
-def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Group | h5py.Dataset]]:
-    """Every dataset and subgroup below `group`, by path, parents first."""
-    for key, item in group.items():
-        name = f"{prefix}{key}"
-        yield name, item
-        if isinstance(item, h5py.Group):
-            yield from _walk(item, name + "/")
-
-
-def _decode(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OS":
-        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in value.ravel()],
-                          dtype=str).reshape(value.shape)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_results(path: Path) -> list[StoredCheckpoint]:
-    """Every checkpoint group of the results file `path`, in label order."""
-    out = []
-    with open_results(path) as fh:
-        for label in sorted(fh.get("checkpoints", {}).keys()):
-            grp = fh["checkpoints"][label]
-            items = list(_walk(grp))
-            data = {name: _decode(ds[()]) for name, ds in items if isinstance(ds, h5py.Dataset)}
-            data_attrs = {name: {k: _decode(v) for k, v in ds.attrs.items()} for name, ds in items}
-            out.append(StoredCheckpoint(label, {k: _decode(v) for k, v in grp.attrs.items()}, data, data_attrs))
-    return out
+def _check_written(data: bytes, path: Path) -> None:
+    """Refuse to replace `path` with a file the reader would reject (records made wrongly through the API,
+    e.g. an attribute of the wrong type; never bad input from a user)."""
+    try:
+        parse(data, str(path))
+    except CurvscopeError as exc:
+        raise ValueError(f"the records do not follow the results schema, so {str(path)!r} was left as it was: "
+                         f"{exc}") from None
 
 
 def describe(path: Path) -> str:
     """A human-readable account of what the results file `path` holds."""
-    with open_results(path) as fh:
-        head = (f"{path}: curvscope results, schema version {int(fh.attrs['schema_version'])} "
-                f"(written by curvscope {fh.attrs.get('curvscope_version', '?')})")
+    results = open_results(path)
+    head = (f"{path}: curvscope results, schema version {results.schema_version} "
+            f"(written by curvscope {results.curvscope_version})")
     lines = [head]
-    checkpoints = read_results(path)
-    if not checkpoints:
+    if not results.checkpoints:
         lines.append("  no checkpoints")
-    for ck in checkpoints:
-        a = ck.attrs
-        lines.append(f"\n[{ck.label}] {a.get('model')} on {a.get('dataset')} ({a.get('split')}), "
-                     f"epoch {a.get('epoch')}, N={a.get('n_samples')} in batches of {a.get('batch_size')}, "
-                     f"loss {a.get('loss')} = {a.get('loss_value', float('nan')):.6g}")
-        lines.append(f"  source {a.get('source')} (sha256 {str(a.get('sha256'))[:12]}…)")
-        lines.append(f"  {a.get('curvature')} curvature, {a.get('partition')} partition, "
-                     f"{a.get('dtype')} on {a.get('device')}, {a.get('elapsed_s', 0):.2f} s, created {a.get('created')}")
-        inv = ck.data_attrs.get("pseudo_hessian_inverse", {})
-        lines.append(f"  H̄: S={len(ck['pseudo_gradient'])}, {inv.get('method')}, condition number "
-                     f"{inv.get('condition_number', float('nan')):.3g}, positive definite: "
-                     f"{inv.get('positive_definite')}, predicted decrease {float(ck['predicted_decrease']):.4g}")
-        if len(np.atleast_1d(inv.get("excluded", []))):
-            lines.append("  zero gradient, excluded from the inverse: " + ", ".join(np.atleast_1d(inv["excluded"])))
-        if a.get("frozen"):
-            lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
-        if a.get("determinism_warning"):
-            lines.append(f"  warning: {a['determinism_warning']}")
-        lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {'H̄_ss':>11s} {'η*_s':>11s}")
-        for i, name in enumerate(ck["partition/name"]):
-            lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
-                         f"{ck['pseudo_gradient'][i]:11.4g} {ck['pseudo_hessian'][i, i]:11.4g} "
-                         f"{ck['learning_rates'][i]:11.4g}")
-        if "spectrum/top/values" in ck.data:
-            sa = ck.data_attrs.get("spectrum", {})
-            for end in ("top", "bottom"):
-                vals, conv = ck[f"spectrum/{end}/values"], ck[f"spectrum/{end}/converged"]
-                lines.append(f"  Hessian {end}-{len(vals)}: " + ", ".join(
-                    f"{v:.5g}{'' if c else ' (not converged)'}" for v, c in zip(vals, conv)))
-            lines.append(f"  Hessian trace {float(ck['spectrum/trace']):.5g} ± {float(ck['spectrum/trace_stderr']):.2g}; "
-                         f"{sa.get('products')} Hessian-vector products ({sa.get('hvp_mode')}), "
-                         f"{sa.get('elapsed_s', 0):.1f} s")
-        lines.append("  datasets:")
-        for name in sorted(ck.data):
-            arr = np.asarray(ck.data[name])
-            lines.append(f"    {name:32s} {str(arr.shape):12s} {arr.dtype}")
+    for ck in results.checkpoints:
+        lines += _describe_checkpoint(ck)
     return "\n".join(lines)
+
+
+def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
+    """The lines of `describe` for one checkpoint."""
+    a = ck.attrs
+    lines = [(f"\n[{ck.label}] {a.get('model')} on {a.get('dataset')} ({a.get('split')}), epoch {a.get('epoch')}, "
+              f"N={a.get('n_samples')} in batches of {a.get('batch_size')}, "
+              f"loss {a.get('loss')} = {a.get('loss_value', float('nan')):.6g}"),
+             f"  source {a.get('source')} (sha256 {str(a.get('sha256'))[:12]}…)",
+             (f"  {a.get('curvature')} curvature, {a.get('partition')} partition, {a.get('dtype')} on "
+              f"{a.get('device')}, {a.get('elapsed_s', 0):.2f} s, created {a.get('created')}"),
+             _pseudo_hessian_line(ck)]
+    excluded = ck.data_attrs["pseudo_hessian_inverse"]["excluded"]
+    if len(excluded):
+        lines.append("  zero gradient, excluded from the inverse: " + ", ".join(excluded))
+    if a.get("frozen"):
+        lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
+    if a.get("determinism_warning"):
+        lines.append(f"  warning: {a['determinism_warning']}")
+    lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {'H̄_ss':>11s} {'η*_s':>11s}")
+    for i, name in enumerate(ck["partition/name"]):
+        lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
+                     f"{ck['pseudo_gradient'][i]:11.4g} {ck['pseudo_hessian'][i, i]:11.4g} "
+                     f"{ck['learning_rates'][i]:11.4g}")
+    if "spectrum/top/values" in ck.data:
+        lines += _spectrum_lines(ck)
+    lines.append("  datasets:")
+    for name in sorted(ck.data):
+        arr = np.asarray(ck.data[name])
+        lines.append(f"    {name:32s} {arr.shape!s:12s} {arr.dtype}")
+    return lines
+
+
+def _pseudo_hessian_line(ck: StoredCheckpoint) -> str:
+    """S, the inverse's method and condition number, whether H̄ is positive definite (as stored, unless
+    H̄ holds NaN or inf, which makes any such claim meaningless) and the predicted decrease."""
+    inv = ck.data_attrs["pseudo_hessian_inverse"]
+    definite = (f"positive definite: {inv['positive_definite']}" if np.all(np.isfinite(ck["pseudo_hessian"]))
+                else "H̄ has non-finite entries")
+    return (f"  H̄: S={len(ck['pseudo_gradient'])}, {inv['method']}, condition number {inv['condition_number']:.3g}, "
+            f"{definite}, predicted decrease {ck['predicted_decrease']:.4g}")
+
+
+def _spectrum_lines(ck: StoredCheckpoint) -> list[str]:
+    """The extreme eigenvalues and the trace of H, as `describe` shows them."""
+    lines = []
+    for end in ("top", "bottom"):
+        vals, conv = ck[f"spectrum/{end}/values"], ck[f"spectrum/{end}/converged"]
+        lines.append(f"  Hessian {end}-{len(vals)}: " + ", ".join(
+            f"{v:.5g}{'' if c else ' (not converged)'}" for v, c in zip(vals, conv)))
+    sa = ck.data_attrs["spectrum"]
+    lines.append(f"  Hessian trace {ck['spectrum/trace']:.5g} ± {ck['spectrum/trace_stderr']:.2g}; "
+                 f"{sa['products']} Hessian-vector products ({sa['hvp_mode']}), {sa['elapsed_s']:.1f} s")
+    return lines

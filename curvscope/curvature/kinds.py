@@ -1,0 +1,44 @@
+"""The curvatures curvscope computes, by name: what commands that only read results need, without torch.
+
+Each kind's operator (the computation) is registered in ``curvscope.curvature.registry``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CurvatureKind:
+    """A curvature matrix C of the loss: its name in files and on the command line, and how it is written."""
+
+    name: str  # registry key and the results file's `curvature` attribute
+    symbol: str  # its letter: C̄ = UᵀCU is written with a bar over it (H̄, Ḡ, F̄)
+    title: str  # its name in prose
+    short: str  # its name in compounds such as "GGN-vector products"
+
+    @property
+    def bar(self) -> str:
+        """The projection's symbol, e.g. H̄."""
+        return self.symbol + "\u0304"
+
+
+KINDS: dict[str, CurvatureKind] = {k.name: k for k in (
+    CurvatureKind("hessian", "H", "Hessian", "Hessian"),
+    CurvatureKind("ggn", "G", "generalised Gauss-Newton matrix", "GGN"),
+    CurvatureKind("fisher", "F", "empirical Fisher", "Fisher"),
+)}
+DEFAULT_CURVATURE = "hessian"
+
+
+def curvature_kind(name: str) -> CurvatureKind:
+    """The kind called `name`; files written before curvatures were recorded hold the Hessian."""
+    try:
+        return KINDS[name or DEFAULT_CURVATURE]
+    except KeyError:
+        raise ValueError(f"unknown curvature {name!r}: choose one of {', '.join(KINDS)}") from None
+
+
+def record_label(label: str, curvature: str) -> str:
+    """A checkpoint's label in a results file for one curvature: the label itself for the Hessian (as in files
+    written before curvatures were recorded), ``label@curvature`` for the others."""
+    return label if curvature == DEFAULT_CURVATURE else f"{label}@{curvature}"
