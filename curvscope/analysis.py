@@ -17,20 +17,20 @@ import numpy as np
 import torch
 
 from curvscope import __version__
+from curvscope.curvature.kinds import record_label
 from curvscope.curvature.newton_step import newton_step
 from curvscope.curvature.objective import Objective, Progress, no_progress
-from curvscope.curvature.kinds import record_label
 from curvscope.curvature.operator import full_gradient
 from curvscope.curvature.partition import make_partition
 from curvscope.curvature.registry import curvature_operator
-from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.curvature.spectrum import spectrum
+from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import Interactions, interactions
 from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
+from curvscope.settings import AnalysisOptions
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
-from curvscope.settings import AnalysisOptions
 from curvscope.sources.losses import LossFn
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

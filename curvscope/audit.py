@@ -28,6 +28,7 @@ efficiency nor the off-block ratio is defined, e.g. when a diagonal entry of C̄
 from __future__ import annotations
 
 import math
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -136,7 +137,8 @@ def format_report(report: dict) -> str:
             rr = [_fmt(r["off_block_ratio"][p], ".3f") for p in PARTS]
             verdict = r["verdict"] if r["verdict"] == VALID else r["verdict"].upper()
             of = bar if r["of"] == "matrix" else bar + "⁻¹"
-            lines.append(f"  {r['approximation'] + ' blocks':14s} {of:8s} {rr[0]:>9s} {rr[1]:>9s} {rr[2]:>9s} "
+            of += " " * (8 - sum(not unicodedata.combining(ch) for ch in of))  # a combining bar takes no column
+            lines.append(f"  {r['approximation'] + ' blocks':14s} {of} {rr[0]:>9s} {rr[1]:>9s} {rr[2]:>9s} "
                          f"{rr[3]:>9s} {_fmt(r['efficiency'], '.3f'):>9s} {_fmt(r['predicted_decrease']):>10s} "
                          f"{_fmt(r['actual_decrease']):>10s}  {verdict} ({r['rule']})")
     rows = [r for c in report["checkpoints"] for r in c["approximations"]]

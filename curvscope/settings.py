@@ -9,11 +9,16 @@ reads it to show its help.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
-from curvscope.curvature.defaults import (DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS,
-                                          INT64_MAX)
+from curvscope.curvature.defaults import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_STEPS,
+    DEFAULT_TOL,
+    DEFAULT_TRACE_MATVECS,
+    INT64_MAX,
+)
 from curvscope.curvature.kinds import DEFAULT_CURVATURE, KINDS
 from curvscope.errors import CurvscopeError
 

@@ -15,10 +15,22 @@ Spectrum suite (issue #3), one batch (LeNet-5: 256 samples, VGG-11': 64):
 top-5 Hessian eigenvalues and an SLQ density (1 run x 100 steps) by curvscope,
 hessian-eigenthings (Lanczos, 40 steps) and PyHessian (power iteration), each
 timed and compared with an exact reference (scipy eigsh, ncv 40: tol 1e-8 on
-float64 Hessian-vector products for LeNet-5, tol 1e-6 on float32 ones for VGG-11'). Needs the bench extra: pip install -e ".[bench]".
+float64 Hessian-vector products for LeNet-5, tol 1e-6 on float32 ones for VGG-11'). Needs the peers:
+pip install -e ".[bench]" && bash scripts/install_bench_peers.sh (the script installs them without
+their dependencies, so that torch stays as it is).
 
     python scripts/bench.py                          # both suites, both models, writes reports/bench/
     python scripts/bench.py --suites spectrum --models lenet5
+
+Curvatures suite (issue #14), the pseudo-Hessian suite's models and data, loss
+`cross_entropy` on the log-softmax outputs (the softmax GGN): curvscope's H̄, Ḡ
+and F̄ (`pseudo_hessian(curvature=...)`, gradient pass included) and curvlinops'
+GGNLinearOperator / EFLinearOperator applied to the S columns of U (gradient pass,
+`op @ U_cols`, U_colsᵀ(op @ U_cols) included), all taking turns in every round after
+a one-batch warm-up. Ḡ and F̄ are compared with curvlinops' (max |difference| over
+max |entry|). Peak memory: each tool once more in a fresh process (`--probe`), the
+rise of its peak resident set (VmHWM, reset just before the call) over its resident
+set before the call. Needs the peers: bash scripts/install_bench_peers.sh.
 
 Timings are the best of --repeat runs: the pseudo-Hessian suite's after one
 warm-up batch; the spectrum suite's tools take turns in every round, so that a
@@ -28,8 +40,12 @@ slow spell of a shared machine hits them alike. torch uses --threads threads
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -206,35 +222,230 @@ def spectrum_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CURVATURES = {"hessian": "H̄", "ggn": "Ḡ", "fisher": "F̄"}
+PEER_NAMES = {"ggn": "GGN", "fisher": "EF"}
+
+
+def curvature_tools(model: torch.nn.Module, batches: list) -> dict[str, tuple[str, Callable[[], SimpleNamespace]]]:
+    """tool -> (curvature, run); a run returns `.seconds`, `.values` (C̄, S x S float64 or None), `.error`,
+    `.note`. curvlinops' tools are there only when it imports."""
+    import peers  # scripts/peers.py
+
+    loss_fn = build_loss("cross_entropy")
+
+    def ours(curvature: str) -> Callable[[], SimpleNamespace]:
+        def run() -> SimpleNamespace:
+            out = timed(lambda: pseudo_hessian(model, loss_fn, batches, curvature=curvature).pseudo_hessian)()
+            return SimpleNamespace(seconds=out.seconds, values=out.result, error=None,
+                                   note="pseudo_hessian(curvature=%r), gradient pass included" % curvature)
+        return run
+
+    tools = {f"curvscope {sym}": (c, ours(c)) for c, sym in CURVATURES.items()}
+    if peers.curvlinops_available():
+        for c, peer in PEER_NAMES.items():
+            tools[f"curvlinops {peer}"] = (c, lambda c=c: peers.curvlinops_pseudo_curvature(model, batches, c))
+    return tools
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_rss(fn: Callable[[], object]) -> dict:
+    """Call `fn` once; the rise of this process's peak resident set during the call over its resident set just
+    before it, in MiB (Linux: VmHWM, reset through /proc/self/clear_refs; NaN where that is not possible)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+    except (OSError, StopIteration):
+        fn()
+        return {"peak_rss_rise_mib": float("nan"), "rss_before_mib": float("nan")}
+    fn()
+    return {"peak_rss_rise_mib": (_status_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024}
+
+
+def curvature_setup(name: str) -> tuple[torch.nn.Module, list]:
+    torch.manual_seed(0)
+    cfg = SETTINGS[name]
+    return build_model(name).eval(), cifar_shaped(cfg["samples"], cfg["batch_size"])
+
+
+def probe_memory(name: str, tool: str) -> dict:
+    """The peak memory of one run of `tool` on `name`, in a fresh process (see `peak_rss`)."""
+    cmd = [sys.executable, __file__, "--probe", name, tool, "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"peak_rss_rise_mib": float("nan"), "rss_before_mib": float("nan"),
+                "probe_error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def curvature_rows(name: str, model: torch.nn.Module, batches: list, repeat: int,
+                   memory: Callable[[str], dict] | None = None, check_float64: bool = False) -> list[dict]:
+    """One row per tool: its best time of `repeat` interleaved rounds (after a one-batch warm-up), the ratios to
+    curvscope's H̄ and to curvlinops' operator for the same curvature, the max relative difference of C̄ from
+    curvlinops' (max |difference| / max |entry|), and `memory(tool)`'s peak memory where given."""
+    for _, run in curvature_tools(model, batches[:1]).values():  # warm-up
+        run()
+    tools = curvature_tools(model, batches)
+    best = interleaved({tool: run for tool, (_, run) in tools.items()}, repeat)
+    peer_of = {c: f"curvlinops {p}" for c, p in PEER_NAMES.items()}
+    t_h = best["curvscope H̄"].seconds
+    ref64 = {}
+    if check_float64 and all(t in best for t in peer_of.values()):
+        ref64 = float64_agreement(model, batches)
+    rows = []
+    for tool, out in best.items():
+        curvature = tools[tool][0]
+        peer = best.get(peer_of.get(curvature, ""))
+        ours = tool.startswith("curvscope") and peer is not None and curvature in peer_of
+        rows.append({
+            "model": name, "samples": sum(len(y) for _, y in batches), "batch_size": len(batches[0][1]),
+            "S": len(trainable(model)), "P": sum(p.numel() for _, p in trainable(model)), "tool": tool,
+            "curvature": curvature, "seconds": out.seconds, "ratio_to_hbar": out.seconds / t_h,
+            "ratio_to_curvlinops": out.seconds / peer.seconds if ours and peer.error is None else None,
+            "max_rel_diff": _max_rel_diff(out.values, peer.values) if ours else None,
+            "max_rel_diff_float64": ref64.get(curvature) if ours else None,
+            **(memory(tool) if memory else {}),
+            "error": out.error, "note": out.note,
+            "pseudo_curvature": None if out.values is None else np.asarray(out.values).tolist()})
+    return rows
+
+
+def _max_rel_diff(a: np.ndarray | None, ref: np.ndarray | None) -> float | None:
+    if a is None or ref is None:
+        return None
+    return float(np.max(np.abs(np.asarray(a) - ref)) / np.max(np.abs(ref)))
+
+
+def float64_agreement(model: torch.nn.Module, batches: list) -> dict[str, float]:
+    """Untimed: the max relative difference of curvscope's Ḡ and F̄ from curvlinops' with everything in float64."""
+    import peers
+
+    model64 = peers._fresh(model, torch.float64)
+    batches64 = [(x.double(), y) for x, y in batches]
+    loss_fn = build_loss("cross_entropy")
+    out = {}
+    for c in PEER_NAMES:
+        ours = pseudo_hessian(model64, loss_fn, batches64, curvature=c).pseudo_hessian
+        out[c] = _max_rel_diff(ours, peers.curvlinops_pseudo_curvature(model64, batches64, c).values)
+    return out
+
+
+def bench_curvatures(name: str, repeat: int, memory: bool = True, check_float64: bool = False) -> list[dict]:
+    model, batches = curvature_setup(name)
+    return curvature_rows(name, model, batches, repeat, (lambda tool: probe_memory(name, tool)) if memory else None,
+                          check_float64)
+
+
+def _probe(name: str, tool: str) -> None:
+    """`--probe`: print `peak_rss` of one run of `tool` on `name` as JSON. What loads on first use (curvscope's
+    modules, curvlinops, torch.func's forward-mode decompositions) is loaded before the baseline; no warm-up run,
+    whose freed buffers the allocator could keep and hand back, hiding part of the peak."""
+    import curvscope.curvature.fisher  # noqa: F401
+    import curvscope.curvature.ggn  # noqa: F401
+    import curvscope.curvature.hessian  # noqa: F401
+    import curvscope.curvature.registry  # noqa: F401
+    import peers
+
+    model, batches = curvature_setup(name)
+    run = curvature_tools(model, batches)[tool][1]  # imports curvlinops where it is installed
+    peers.load_jvp_decompositions()
+    print(json.dumps(peak_rss(run)))
+
+
+def curvatures_markdown(rows: list[dict]) -> str:
+    lines = ["| model | N | B | S | tool | time | / curvscope H̄ | / curvlinops | max rel. diff vs curvlinops | "
+             "peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "" if r["ratio_to_curvlinops"] is None else f"**{r['ratio_to_curvlinops']:.2f}x**"
+        diff = "" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
+        if r.get("max_rel_diff_float64") is not None:
+            diff += f" (float64: {r['max_rel_diff_float64']:.1e})"
+        mem = f"{r['peak_rss_rise_mib']:.0f} MiB" if np.isfinite(r.get("peak_rss_rise_mib", np.nan)) else "n/a"
+        time_s = "failed" if r["error"] else f"{r['seconds']:.2f} s"
+        lines.append(f"| {r['model']} | {r['samples']} | {r['batch_size']} | {r['S']} | {r['tool']} | {time_s} | "
+                     f"{r['ratio_to_hbar']:.2f}x | {ratio} | {diff} | {mem} |")
+    lines += ["", "Targets (issue #14):", "", *curvature_targets(rows), ""]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        r = next(q for q in rows if q["model"] == name)
+        if "date" in r:
+            lines.append(f"- {name}: best of {r['repeat']} interleaved round(s), {r['date']}, {r['machine']}.")
+    return "\n".join(lines)
+
+
+def curvature_targets(rows: list[dict]) -> list[str]:
+    """Issue #14's targets: Ḡ and F̄ each at most 0.25x H̄'s time and at most 0.2x curvlinops' GGN on U's columns."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        t = {r["tool"]: r["seconds"] for r in rows if r["model"] == name and not r["error"]}
+        for sym in ("Ḡ", "F̄"):
+            ours = t.get(f"curvscope {sym}")
+            for ref, label, target in (("curvscope H̄", "curvscope H̄", 0.25), ("curvlinops GGN", "curvlinops GGN", 0.2)):
+                if ours is None or ref not in t:
+                    continue
+                ratio = ours / t[ref]
+                verdict = "met" if ratio <= target else f"**not met**, {ratio / target:.1f}x the target"
+                out.append(f"- {name}: {sym} / {label} = {ratio:.2f} (target <= {target}): {verdict}")
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--strategies", nargs="+", default=["auto", "batched"],
                         choices=["auto", "triangular", "batched"])
     parser.add_argument("--suites", nargs="+", default=["pseudo-hessian", "spectrum"],
-                        choices=["pseudo-hessian", "spectrum"])
+                        choices=["pseudo-hessian", "spectrum", "curvatures"])
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of other models already in the suite's JSON file (and its table)")
+    parser.add_argument("--no-memory", action="store_true", help="curvatures suite: skip the peak-memory probes")
+    parser.add_argument("--check-float64", action="store_true",
+                        help="curvatures suite: also compare Ḡ and F̄ with curvlinops' in float64 (untimed)")
+    parser.add_argument("--probe", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probe:
+        return _probe(*args.probe)
     env = {"curvscope": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
+           "load_average_at_start": os.getloadavg()}
+    machine = (f"{env['cpu_model']}, {env['cores']} cores, {env['threads']} torch threads, torch {env['torch']}, "
+               f"load average {env['load_average_at_start'][0]:.1f} at the start")
     args.out.mkdir(parents=True, exist_ok=True)
     suites = {"pseudo-hessian": ("pseudo_hessian", lambda m: [bench_pseudo_hessian(m, args.repeat, args.strategies)],
                                  lambda rows: markdown(rows, args.strategies)),
-              "spectrum": ("spectrum", lambda m: bench_spectrum(m, args.repeat), spectrum_markdown)}
+              "spectrum": ("spectrum", lambda m: bench_spectrum(m, args.repeat), spectrum_markdown),
+              "curvatures": ("curvatures", lambda m: bench_curvatures(m, args.repeat, not args.no_memory,
+                                                                      args.check_float64), curvatures_markdown)}
     for suite in args.suites:
         stem, run, table_of = suites[suite]
         rows = []
         for name in args.models:
             for row in run(name):
-                rows.append(row)
+                rows.append({**row, "repeat": args.repeat, "date": env["date"], "machine": machine})
                 print(json.dumps(row), flush=True)
+        path = args.out / f"{stem}.json"
+        if args.merge and path.exists():  # keep the rows of the models not run now
+            rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in args.models] + rows
         table = table_of(rows)
         print(f"\n{table}\n\n{env}\n", flush=True)
-        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
         (args.out / f"{stem}.md").write_text(table + "\n")
 
 

@@ -1,9 +1,12 @@
-"""Thin adapters that time the peer libraries on one model and one batch, for scripts/bench.py.
+"""Thin adapters that time the peer libraries, for scripts/bench.py.
 
 Peers: hessian-eigenthings 1.0.0a5 (`HessianOperator` + `lanczos` / `spectral_density`) and
-PyHessian 0.1 (`hessian(...).eigenvalues` / `.density`). `loss_fn` / `criterion` is a
-batch-mean `(outputs, targets) -> scalar` (here `torch.nn.functional.nll_loss` on
-log-softmax outputs). Every peer runs on a deep copy of the model in eval mode, so the
+PyHessian 0.1 (`hessian(...).eigenvalues` / `.density`), on one model and one batch; curvlinops
+3.0.1 (`GGNLinearOperator` / `EFLinearOperator` applied to the S columns of U), on a list of
+batches. Install them with scripts/install_bench_peers.sh (--no-deps, so torch stays as it is).
+`loss_fn` / `criterion` is a batch-mean `(outputs, targets) -> scalar` (here
+`torch.nn.functional.nll_loss` on log-softmax outputs; curvlinops gets
+`torch.nn.CrossEntropyLoss(reduction="mean")`). Every peer runs on a deep copy of the model in eval mode, so the
 caller's model (and its `.grad`) is untouched; only the peer's own computation is timed
 (for PyHessian that includes the `hessian(...)` constructor, which does the forward and
 the create_graph backward). Peer exceptions come back as a one-line `error`, not raised.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,6 +176,72 @@ def pyhessian_density(model: torch.nn.Module, criterion: Criterion, inputs: torc
         nodes, _weights = h.density(iter=steps, n_v=runs)
         flat = np.concatenate([np.asarray(n, dtype=np.float64) for n in nodes])
         return _descending(flat), f"density(iter={steps}, n_v={runs}): values = {flat.size} SLQ nodes"
+
+    return _timed(run, seed, net)
+
+
+# --------------------------------------------------------------------------- curvlinops
+
+CURVLINOPS_OPERATORS = {"ggn": "GGNLinearOperator", "fisher": "EFLinearOperator"}
+
+
+def curvlinops_available() -> bool:
+    """Whether curvlinops imports (quietly: its dependency linear_operator calls the deprecated torch.jit.script
+    on import)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import curvlinops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_jvp_decompositions() -> None:
+    """Import what `torch.func.jvp` loads on first use (curvlinops' products use it), without the
+    DeprecationWarning of its torch.jit.script in torch 2.13, and outside the timed part."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+        try:
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        except ImportError:  # another PyTorch: it loads what it needs itself
+            pass
+
+
+def curvlinops_pseudo_curvature(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                                curvature: str, seed: int = 0) -> PeerResult:
+    """C̄ = U_colsᵀ (C U_cols) by curvlinops, C the GGN (`curvature="ggn"`) or the empirical Fisher ("fisher"),
+    U_cols the P x S matrix whose column s is the full-data gradient restricted to parameter tensor s.
+
+    Timed, all of it: the operator's construction (`num_data` given and `check_deterministic=False`, so the
+    constructor makes no pass over the data; the check would make four), the gradient pass by the operator's
+    own `gradient_and_loss()`, building U_cols densely, `op @ U_cols` (one vmapped pass over the data for
+    all S columns) and U_colsᵀ (op @ U_cols), in float64 from the model-dtype product, block by block (row t
+    of U_colsᵀ is zero outside tensor t's block). The loss is `torch.nn.CrossEntropyLoss(reduction="mean")`;
+    curvlinops weights batch b by n_b/N (N = `num_data`), as curvscope does. `values` is C̄ (S x S, float64).
+    """
+    import curvlinops
+
+    load_jvp_decompositions()
+    net = _fresh(model)
+    params = [p for p in net.parameters() if p.requires_grad]
+    operator = getattr(curvlinops, CURVLINOPS_OPERATORS[curvature])
+    n = sum(len(y) for _, y in batches)
+
+    def run() -> tuple[np.ndarray, str]:
+        op = operator(net, torch.nn.CrossEntropyLoss(reduction="mean"), params, batches, num_data=n,
+                      check_deterministic=False)
+        grad, _loss = op.gradient_and_loss()
+        sizes = [p.numel() for p in params]
+        offsets = np.cumsum([0, *sizes])
+        u_cols = torch.zeros(offsets[-1], len(params), dtype=grad[0].dtype)
+        for s, g in enumerate(grad):
+            u_cols[offsets[s]:offsets[s + 1], s] = g.reshape(-1)
+        cu = op @ u_cols
+        cbar = torch.stack([g.reshape(-1).double() @ cu[offsets[t]:offsets[t + 1]].double()
+                            for t, g in enumerate(grad)])
+        return cbar.numpy(), (f"{CURVLINOPS_OPERATORS[curvature]} @ U_cols ({offsets[-1]} x {len(params)}, "
+                              f"{u_cols.dtype}), gradient_and_loss() included")
 
     return _timed(run, seed, net)
 

@@ -57,7 +57,7 @@ class PoolNet(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """Self-attention (nn.MultiheadAttention, need_weights=False: PyTorch's fused kernel) → mean over tokens → Linear."""
+    """Self-attention (nn.MultiheadAttention, need_weights=False: a fused kernel) → mean over tokens → Linear."""
 
     def __init__(self) -> None:
         super().__init__()

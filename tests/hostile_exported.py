@@ -183,7 +183,7 @@ def damaged_archives(tmp: Path) -> dict[str, Path]:
     junk = io.BytesIO()
     with zipfile.ZipFile(junk, "w") as archive:
         rng = random.Random(3)
-        for i in range(5):
+        for _ in range(5):
             archive.writestr(f"junk/{rng.randbytes(4).hex()}", rng.randbytes(200))
     put("a zip of junk", junk.getvalue())
     for member in ("archive_format", "archive_version", "models/model.json", "data/sample_inputs/model.pt",

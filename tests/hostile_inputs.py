@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from click.testing import CliRunner
-
 from conftest import SHIPPED, write_tiny_bundle
-from curvscope.cli.main import main
 from hostile import MARKER_NAME, HostileCase
+
+from curvscope.cli.main import main
 
 #: Options that make every analysis of the tiny bundle fast.
 QUICK = ["--no-render", "--no-spectrum", "-q"]

@@ -14,8 +14,8 @@ from torch import nn
 from curvscope import newton_step, pseudo_hessian
 from curvscope.analysis import AnalysisRecord
 from curvscope.cli.main import main
-from curvscope.errors import CurvscopeError
 from curvscope.curvature.step_loss import loss_after_steps
+from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import interactions
 from curvscope.store.hdf5 import write_records
 

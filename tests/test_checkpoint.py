@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHIPPED, TINY_DATA, TINY_MODEL, write_tiny_bundle
+
 from curvscope import load_checkpoint
 from curvscope.errors import CurvscopeError
 from curvscope.sources.zoo import build_model
@@ -117,7 +117,8 @@ def test_common_wrappers_and_prefixes(tmp_path: Path, wrap: str) -> None:
 def test_plugin_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_models.py").write_text(
         "import torch\n"
-        "def tiny(width=3):\n    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))\n"
+        "def tiny(width=3):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))\n"
         "def broken():\n    raise RuntimeError('no GPU here')\n"
         "def not_a_model():\n    return 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))

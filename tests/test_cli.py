@@ -17,8 +17,8 @@ import h5py
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import ROOT, SHIPPED, write_tiny_bundle
+
 from curvscope.cli.main import main
 
 

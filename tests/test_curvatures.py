@@ -113,7 +113,7 @@ CASES = ["mlp", "cnn", "pool", "layernorm", "attention", "cnn-ce", "pool-ce", "b
 
 def build(name: str, n: int = 12) -> Case:
     """The conftest cases, those with cross-entropy on log-softmax outputs, and BatchNorm, tied and linear models."""
-    if name.endswith("-ce"):  # the same models, with the softmax's curvature in the loss (NLL's is zero)
+    if name.endswith("-ce"):  # the same models with cross-entropy: the same GGN as with NLL (the softmax GGN)
         case = make_case(name[:-3], n)
         return Case(case.model, F.cross_entropy, case.inputs, case.targets)
     if name in ("mlp", "cnn", "pool", "layernorm", "attention"):
@@ -172,7 +172,10 @@ def dense_ggn(case: Case, batches: list) -> torch.Tensor:
         f = _outputs_fn(case.model, x)
         z = f(flat0).detach()
         J = torch.autograd.functional.jacobian(f, flat0).reshape(z.numel(), -1)
-        Hz = torch.autograd.functional.hessian(lambda zz: case.loss_fn(zz, y), z).reshape(z.numel(), z.numel())
+        if case.loss_fn is F.nll_loss:  # log-probabilities: the softmax GGN, written as J_zᵀ diag(p) J_z / n_b
+            Hz = torch.diag(z.exp().reshape(-1)) / len(y)
+        else:
+            Hz = torch.autograd.functional.hessian(lambda zz: case.loss_fn(zz, y), z).reshape(z.numel(), z.numel())
         G += len(y) / N * J.T @ Hz @ J
     return G
 
@@ -245,10 +248,7 @@ def test_projection_matches_dense(name: str, kind: str, jacobian: str) -> None:
     P = projector(part, g)
     res = operator(kind, case, [5, 7], jacobian).projection(part)
     expected = P.T @ C @ P
-    if name in ("cnn", "pool") and kind == "ggn":  # NLL on log-softmax outputs: ∇²_z L = 0, so G = 0 by definition
-        assert np.abs(C).max() == 0 and np.abs(res.pseudo_hessian).max() == 0
-    else:
-        assert rel(res.pseudo_hessian, expected) <= 1e-10
+    assert rel(res.pseudo_hessian, expected) <= 1e-10
     assert rel(res.pseudo_gradient, P.T @ g) <= 1e-12
     assert res.curvature == kind and res.strategy == jacobian and res.n_batches == 2 and res.n_samples == 12
     assert np.array_equal(res.pseudo_hessian, res.pseudo_hessian.T)
@@ -353,13 +353,24 @@ def test_block_products_match_dense_blocks(kind: str, mode: str) -> None:
         assert rel(block.matmat(V).numpy(), C[np.ix_(idx, idx)] @ V.numpy()) <= 1e-10
 
 
-def test_ggn_of_nll_on_log_probabilities_is_zero() -> None:
-    """z = model outputs: the log-softmax is part of the model and NLL is linear in z, so ∇²_z L = 0 and G = 0."""
-    case = build("cnn")
-    C = reference("cnn", "ggn")[0]
+def test_ggn_of_nll_on_log_probabilities_is_the_softmax_ggn() -> None:
+    """NLL on log-softmax outputs: G is the GGN with respect to the logits, Jᵀ(diag p − ppᵀ)J, the same as with
+    cross-entropy, and not the zero matrix NLL's own (linear) output Hessian would give."""
+    nll, ce = build("cnn"), build("cnn-ce")
+    C_nll, C_ce = reference("cnn", "ggn")[0], reference("cnn-ce", "ggn")[0]
+    assert np.abs(C_nll).max() > 0 and rel(C_nll, C_ce) <= 1e-12  # the identity, between two dense formulas
+    v = torch.randn(C_nll.shape[0], dtype=torch.float64)
+    for case in (nll, ce):
+        op = operator("ggn", case, [5, 7])
+        assert rel(op.operator(None).matvec(v).numpy(), C_nll @ v.numpy()) <= 1e-10
+
+
+def test_ggn_of_a_loss_linear_in_the_outputs_is_zero() -> None:
+    """∇²_z L = 0 (here NLL on outputs that are not log-probabilities): G = 0, found without forming a Jacobian."""
+    case = build("mlp")
+    case = Case(case.model, lambda z, y: F.nll_loss(z, y), case.inputs, case.targets)  # not F.nll_loss itself
     op = operator("ggn", case, [5, 7])
-    v = torch.randn(C.shape[0], dtype=torch.float64)
-    assert np.abs(C).max() == 0
+    v = torch.randn(sum(p.numel() for p in case.model.parameters()), dtype=torch.float64)
     assert op.operator(None).matvec(v).abs().max() == 0
     assert op._zero_at_0  # found on batch 0: no Jacobian is formed
     for jacobian in JACOBIANS[1:]:  # and by the definition, when D is formed

@@ -154,7 +154,7 @@ def test_titles_name_the_hessian_by_default(stored) -> None:
 def test_matrix_names_follow_the_stored_curvature(stored) -> None:
     _, ck = stored
     for curvature, bar, pseudo, matrix in (("", "H̄", "pseudo-Hessian", "the Hessian H"),
-                                           ("ggn", "G\u0304", "pseudo-GGN", "the generalised Gauss-Newton matrix G"),
+                                           ("ggn", "\u1e20", "pseudo-GGN", "the generalised Gauss-Newton matrix G"),
                                            ("fisher", "F̄", "pseudo-Fisher", "the empirical Fisher F")):
         names = matrix_names(dataclasses.replace(ck, attrs={**ck.attrs, "curvature": curvature}))
         assert (names.bar, names.pseudo, names.matrix) == (bar, pseudo, matrix)
@@ -199,13 +199,13 @@ def test_hessian_and_ggn_records_render_apart(tmp_path: Path, tiny_bundle: Path)
             return im.text["Description"]
 
     assert description("trajectory-ggn-heatmaps-linear.png").startswith(
-        "heatmaps of the pseudo-GGN G\u0304 and its inverse across checkpoints run_ep01@ggn, run_ep02@ggn of both.h5")
+        "heatmaps of the pseudo-GGN \u1e20 and its inverse across checkpoints run_ep01@ggn, run_ep02@ggn of both.h5")
     assert description("trajectory-heatmaps-linear.png").startswith(
         "heatmaps of the pseudo-Hessian H̄ and its inverse across checkpoints run_ep01, run_ep02 of both.h5")
     assert description("run_ep02@ggn-spectrum-blocks.png").startswith(
         "top eigenvalues and traces of the diagonal blocks of the generalised Gauss-Newton matrix G;")
     pdf = (tmp_path / "figs" / "run_ep01@ggn-heatmaps-linear.pdf").read_bytes()
-    assert "pseudo-GGN G\u0304".encode("utf-16-be") in pdf  # the PDF's Subject, in UTF-16
+    assert "pseudo-GGN \u1e20".encode("utf-16-be") in pdf  # the PDF's Subject, in UTF-16
 
 
 def test_figure_modules_select_no_backend_and_import_neither_pyplot_nor_torch(tmp_path: Path) -> None:

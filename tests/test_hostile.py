@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from hostile import HostileCase, check
 from hostile_exported import exported_cases
 from hostile_inputs import GENERATORS

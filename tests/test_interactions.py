@@ -8,8 +8,16 @@ from torch import nn
 
 from curvscope import newton_step, pseudo_hessian
 from curvscope.curvature.step_loss import loss_after_steps
-from curvscope.measures.interactions import (block_mask, distance_profile, interactions, layer_index,
-                                             off_block_ratio, part_mask, quadratic_model, steps)
+from curvscope.measures.interactions import (
+    block_mask,
+    distance_profile,
+    interactions,
+    layer_index,
+    off_block_ratio,
+    part_mask,
+    quadratic_model,
+    steps,
+)
 
 KINDS = np.array(["weight", "bias", "weight", "bias", "weight"])
 LAYERS = np.array(["a", "a", "b", "b", "c"])
@@ -50,7 +58,6 @@ def test_three_by_three_by_hand() -> None:
     h = np.array([[2.0, 1, 0], [1, 2, 1], [0, 1, 2]])
     g = np.ones(3)
     layers = np.array(["x", "y", "z"])
-    kinds = np.array(["weight"] * 3)
     # N(H̄) = H̄/2: off-diagonal Frobenius² = 4·(1/2)² = 1, total² = 3 + 1 = 4 → r = 1/2
     assert off_block_ratio(h, block_mask(layers, "tensor")) == pytest.approx(0.5)
     mean, peak, count = distance_profile(h, layers)

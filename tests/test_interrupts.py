@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import ROOT, SHIPPED, write_tiny_bundle
+
 from curvscope.cli.main import main
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

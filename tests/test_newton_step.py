@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import dense, make_case
+
 from curvscope import newton_step, pseudo_hessian
 
 

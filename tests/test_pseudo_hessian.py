@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import Case, dense, make_case
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import Case, dense, make_case
 from curvscope import pseudo_hessian
 from curvscope.curvature.partition import make_partition
 

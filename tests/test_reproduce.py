@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import h5py
-
 from conftest import ROOT
 from test_files import write_cifar
 

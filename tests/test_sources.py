@@ -12,7 +12,7 @@ from curvscope.sources.zoo import build_model
 
 def test_lenet5_is_the_papers() -> None:
     net = build_model("lenet5")
-    assert [n for n, _ in net.named_parameters()] == [f"{l}.{k}" for l in ("conv1", "conv2", "fc1", "fc2", "fc3")
+    assert [n for n, _ in net.named_parameters()] == [f"{m}.{k}" for m in ("conv1", "conv2", "fc1", "fc2", "fc3")
                                                       for k in ("weight", "bias")]
     assert sum(p.numel() for p in net.parameters()) == 62006
     out = net(torch.randn(2, 3, 32, 32))

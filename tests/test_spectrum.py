@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import Case, dense, make_case
+
 from curvscope import eigenvalues, spectral_density, trace
 from curvscope.cli.types import parse_memory
 from curvscope.curvature.hessian import HessianOperator

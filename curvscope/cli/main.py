@@ -58,7 +58,7 @@ class Command(click.Group):
     ``--debug`` (or CURVSCOPE_DEBUG=1) shows the traceback as well.
     """
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> NoReturn:
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv or bool(os.environ.get("CURVSCOPE_DEBUG"))

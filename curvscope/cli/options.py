@@ -19,7 +19,11 @@ FIELDS: dict[str, Field] = {f.name: f for f in fields(AnalysisOptions)}
 
 
 def _default(f: Field) -> Any:
-    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+    if f.default is not MISSING:
+        return f.default
+    factory = f.default_factory
+    assert callable(factory), f"field {f.name!r} has neither a default nor a default factory"
+    return factory()
 
 
 def _size_text(nbytes: int) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -84,7 +85,7 @@ def _eligible(module: nn.Module) -> bool:
             and "forward" not in vars(module))
 
 
-def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _forward(module: _ConvNd, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad or not torch.is_grad_enabled():
         return type(module).forward(module, x)
     return _DataConv.apply(x, module.weight, module.bias, list(module.stride), list(module.padding),

@@ -6,12 +6,16 @@ batch-mean loss with respect to the outputs, obtained by autograd on
 Hessian with the second derivatives of the model dropped: G = H for a model
 linear in its parameters, and G is positive semi-definite for a convex loss.
 
-Convention: z is whatever the model returns. A model that ends in
-``log_softmax`` with the NLL loss has the log-softmax inside f and a loss
-linear in z, so ∇²_z L_b = 0 and G = 0: that is the definition with this
-split, not an error. Use ``cross_entropy`` on such a model (the same loss
-value, since log_softmax is idempotent) to put the softmax's curvature in
-the output Hessian.
+Convention: z is whatever the model returns, with one exception. A model
+that ends in ``log_softmax`` used with the NLL loss (the paper's networks) would
+have a loss linear in z, hence ∇²_z L_b = 0 and G = 0. There the output
+Hessian is taken of the cross-entropy of z instead, which has the same value
+on log-probabilities (log_softmax is idempotent) and whose Hessian
+diag(p) − ppᵀ (p = exp z) makes Jᵀ(diag(p) − ppᵀ)J equal to the GGN with
+respect to the logits a, since ∂z/∂a = I − 1pᵀ and (I − p1ᵀ)(diag(p) − ppᵀ)(I − 1pᵀ)
+= diag(p) − ppᵀ. That is the softmax GGN users expect of a classifier, and
+what curvlinops computes for such a model with CrossEntropyLoss. NLL on
+outputs that are not log-probabilities keeps its own (zero) output Hessian.
 
 Everything else (projections Ḡ = UᵀGU by forward mode or double-vjp, products,
 kept graphs) is :class:`curvscope.curvature.gauss_newton.OutputSpaceOperator`.
@@ -21,10 +25,19 @@ from __future__ import annotations
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 
 from curvscope.curvature.gauss_newton import BatchFunction, OutputSpaceOperator
 from curvscope.curvature.kinds import KINDS
 from curvscope.errors import CurvscopeError, summary
+
+
+def _log_probabilities(z: torch.Tensor) -> bool:
+    """Whether every row of class scores z (batch × classes) is a vector of log-probabilities: logsumexp = 0."""
+    if z.dim() != 2:
+        return False
+    with torch.no_grad():
+        return bool((torch.logsumexp(z, dim=1).abs() <= 100 * torch.finfo(z.dtype).eps).all())
 
 
 class GGNOperator(OutputSpaceOperator):
@@ -41,9 +54,12 @@ class GGNOperator(OutputSpaceOperator):
         linear in z, e.g. NLL on log-probabilities)."""
         _, y = self.obj.batches[b]
         z = value.detach().requires_grad_(True)
+        loss_fn = self.obj.loss_fn
+        if loss_fn is F.nll_loss and _log_probabilities(z):
+            loss_fn = F.cross_entropy  # the same value; the softmax's curvature (see the module docstring)
         with torch.enable_grad():
             try:
-                loss = self.obj.loss_fn(z, self.obj.place(y))
+                loss = loss_fn(z, self.obj.place(y))
             except Exception as exc:  # noqa: BLE001 - the loss is the user's code
                 raise CurvscopeError(f"the loss cannot be evaluated on batch {b}'s outputs: {summary(exc)}") from None
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

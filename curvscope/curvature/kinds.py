@@ -4,6 +4,7 @@ Each kind's operator (the computation) is registered in ``curvscope.curvature.re
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 
@@ -19,7 +20,7 @@ class CurvatureKind:
     @property
     def bar(self) -> str:
         """The projection's symbol, e.g. H̄."""
-        return self.symbol + "\u0304"
+        return unicodedata.normalize("NFC", self.symbol + "\u0304")  # Ḡ precomposed; H̄ and F̄ have no such form
 
 
 KINDS: dict[str, CurvatureKind] = {k.name: k for k in (

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -32,10 +32,10 @@ def no_progress(stage: str, done: int, total: int) -> None:
 
 
 def differentiate(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-                  **kwargs: object) -> tuple[torch.Tensor | None, ...]:
+                  **kwargs: Any) -> tuple[torch.Tensor | None, ...]:
     """``torch.autograd.grad``, with a model that PyTorch cannot differentiate (twice) reported as bad input."""
     try:
-        return torch.autograd.grad(outputs, inputs, **kwargs)  # type: ignore[arg-type]
+        return torch.autograd.grad(outputs, inputs, **kwargs)
     except RuntimeError as exc:
         raise CurvscopeError(f"PyTorch cannot differentiate this model as curvature needs ({summary(exc)}): an "
                              f"operation it uses has no (second) derivative in this PyTorch; replace that "

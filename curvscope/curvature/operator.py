@@ -161,7 +161,7 @@ class CurvatureOperator(ABC):
         self.release()
         self.obj.model.train(self._was_training)
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 - a hook with nothing to do by default, not an abstract method
         """Free per-batch state kept for the products (none by default)."""
 
     def __enter__(self) -> "CurvatureOperator":

@@ -80,7 +80,8 @@ class Partition:
                 vec = torch.zeros(self.size, dtype=v.dtype, device=v.device).index_add(0, ids, v.reshape(-1))
                 term = [(int(s), vec[s]) for s in torch.unique(ids).tolist()]
             for s, t in term:
-                out[s] = t if out[s] is None else out[s] + t
+                previous = out[s]
+                out[s] = t if previous is None else previous + t
         return out
 
 
@@ -129,14 +130,16 @@ def make_partition(model: nn.Module, kind: str = "canonical") -> Partition:
         if total > DISCRETE_LIMIT:
             raise CurvscopeError(f"the discrete partition needs one Hessian-vector product per scalar "
                                  f"and batch; this model has {total} scalars (limit {DISCRETE_LIMIT}).")
-        assignment, group_names, offset = [], [], 0
+        scalar_ids: list[torch.Tensor] = []
+        group_names: list[str] = []
+        offset = 0
         for n, p in params:
-            assignment.append(torch.arange(offset, offset + p.numel()).reshape(p.shape))
+            scalar_ids.append(torch.arange(offset, offset + p.numel()).reshape(p.shape))
             group_names += [f"{n}[{','.join(map(str, idx))}]" for idx in _indices(p.shape)]
             offset += p.numel()
         kinds = tuple(tensor_kind(n) for n, p in params for _ in range(p.numel()))
-        layers = tuple(owner(n) for n, p in params for _ in range(p.numel()))
-        return Partition(kind, names, tuple(assignment), tuple(group_names), kinds, layers,
+        scalar_layers = tuple(owner(n) for n, p in params for _ in range(p.numel()))
+        return Partition(kind, names, tuple(scalar_ids), tuple(group_names), kinds, scalar_layers,
                          tuple(1 for _ in range(total)))
     raise CurvscopeError(f"unknown partition {kind!r}: choose one of {', '.join(PARTITIONS)}.")
 

@@ -18,18 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvscope.curvature.hutchpp import hutchpp
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
+from curvscope.curvature.hutchpp import hutchpp
 from curvscope.curvature.kinds import DEFAULT_CURVATURE
-from curvscope.curvature.operator import BlockOperator, CurvatureOperator
-from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.lanczos import extreme_eigenpairs, quadrature, random_start
 from curvscope.curvature.objective import Batch, Progress, no_progress
+from curvscope.curvature.operator import BlockOperator, CurvatureOperator
+from curvscope.curvature.registry import curvature_operator
 from curvscope.errors import CurvscopeError
 from curvscope.measures.density import DEFAULT_WIDTH, gaussian_density
 from curvscope.results import BlockSpectrum, DensityResult, EigenResult, SpectrumResult, TraceResult
 from curvscope.sources.losses import LossFn
-
 
 
 def _generator(seed: int, tag: str) -> torch.Generator:
@@ -138,7 +137,8 @@ def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Ite
 
 
 def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
-             slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS, seed: int = 0,
+             slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS,
+             seed: int = 0,
              blocks: bool = True, progress: Progress = no_progress) -> SpectrumResult:
     """Top and bottom k eigenvalues, trace and density of C; top k eigenvalues and trace of every block.
 

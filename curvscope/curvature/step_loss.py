@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from curvscope.curvature.objective import Batch, Objective
-from curvscope.curvature.partition import Partition, make_partition, trainable
 from curvscope.curvature.operator import full_gradient
+from curvscope.curvature.partition import Partition, make_partition, trainable
 from curvscope.sources.losses import LossFn
 
 

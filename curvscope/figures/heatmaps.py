@@ -95,7 +95,9 @@ def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] 
     ax.set_yticks([] if rows is None else np.arange(nrows) + 0.5, [] if rows is None else rows)
     ax.tick_params(axis="x", labelrotation=90)
     ax.tick_params(axis="y", labelrotation=0)
-    bar = ax.get_figure().colorbar(mesh, ax=ax, shrink=0.8, format=fmt)
+    fig = ax.get_figure()
+    assert fig is not None  # the axes belong to a figure
+    bar = fig.colorbar(mesh, ax=ax, shrink=0.8, format=fmt)
     bar.outline.set_linewidth(0)
 
 
@@ -105,7 +107,9 @@ def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None) -> None
                  None if many else panel.cols, gridlines=0.0 if many else 0.5,
                  fmt="%.2g" if scale == "normalized" else "%.1e")
     ax.tick_params(labelsize=8)
-    ax.collections[0].colorbar.ax.tick_params(labelsize=8)
+    colorbar = ax.collections[0].colorbar
+    assert colorbar is not None  # draw_heatmap added one
+    colorbar.ax.tick_params(labelsize=8)
     if panel.title == "weight–bias":
         ax.set_ylabel("weight of", fontsize=8)
         ax.set_xlabel("bias of", fontsize=8)

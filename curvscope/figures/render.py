@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,7 +71,7 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
             continue  # a trajectory needs several checkpoints of one model
         names = matrix_names(group[0])
         for scale in scales:
-            written += _save(lambda s=scale: heatmap_figure(group, s, shared_scale),
+            written += _save(partial(heatmap_figure, group, scale, shared_scale),
                              out_dir / f"{trajectory_base(curvature)}-heatmaps-{scale}",
                              f"heatmaps of the {names.pseudo} {names.bar} and its inverse across "
                              f"checkpoints {', '.join(ck.label for ck in group)} of {results.name}, "
@@ -79,9 +80,10 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
         names = matrix_names(ck)
         origin = (f"checkpoint {ck.label!r} of {results.name} (source {ck.attrs.get('source')}, "
                   f"sha256 {ck.attrs.get('sha256')})")
-        figures = [(f"heatmaps-{scale}", lambda s=scale: heatmap_figure(ck, s),
-                    f"heatmaps of the {names.pseudo} {names.bar} and its inverse, {scale} scale")
-                   for scale in scales]
+        figures: list[tuple[str, Callable[[], Figure], str]] = [
+            (f"heatmaps-{scale}", partial(heatmap_figure, ck, scale),
+             f"heatmaps of the {names.pseudo} {names.bar} and its inverse, {scale} scale")
+            for scale in scales]
         if has_interactions(ck):
             figures += [("interactions-distance", lambda: distance_figure(ck),
                          f"interaction between layers in {names.bar} and its inverse against their distance"),

@@ -7,6 +7,7 @@ from typing import Sequence
 from curvscope.curvature.kinds import CurvatureKind, curvature_kind
 from curvscope.store.hdf5 import StoredCheckpoint
 
+
 @dataclass(frozen=True)
 class MatrixNames:
     """How figures name a checkpoint's curvature C, its projection C̄ = UᵀCU and C̄'s inverse.

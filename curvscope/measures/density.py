@@ -8,7 +8,8 @@ GRID_POINTS = 1000
 
 
 def gaussian_density(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
-                     width: float = DEFAULT_WIDTH, grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+                     width: float = DEFAULT_WIDTH, grid: np.ndarray | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
     """(grid, density, σ): (1/n_v) Σ_r Σ_j w_rj N(x; θ_rj, σ²), integrating to 1 over the grid.
 
     σ defaults to `width` x (max θ − min θ); the default grid spans the nodes

@@ -168,5 +168,6 @@ def interactions(gbar: np.ndarray, hbar: np.ndarray, stderr: np.ndarray, inverse
     off = ~np.eye(len(gbar), dtype=bool)
     known = bool(np.all(np.isfinite(stderr[off]))) if off.any() else True
     sig = off & (np.abs(hbar) > SIGNIFICANCE * np.nan_to_num(stderr, nan=np.inf))
-    count = int(np.triu(sig).sum()) if known else -1
-    return Interactions(mats, steps(gbar, hbar, inverse, layers, positive_definite), positive_definite, sig, count)
+    significant_count = int(np.triu(sig).sum()) if known else -1
+    return Interactions(mats, steps(gbar, hbar, inverse, layers, positive_definite), positive_definite, sig,
+                        significant_count)

@@ -30,7 +30,6 @@ from curvscope.sources.losses import LossFn, build_loss
 from curvscope.sources.zoo import MODELS, build_model
 
 
-
 @dataclass
 class Checkpoint:
     """A model rebuilt from a checkpoint file, with the loss and data spec it was trained with."""
@@ -86,7 +85,7 @@ def _read(path: Path, trust: bool = False) -> Any:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         if _is_pickle(path) and trust:
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)
@@ -220,7 +219,9 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs:
             raise CurvscopeError(f"{str(path)!r} is a plain state_dict, which does not say which "
                                  "network it belongs to: name it with --model (a zoo name or "
                                  "package.module:factory).")
-        state, epoch = _unwrap(obj)
+        unwrapped, epoch = _unwrap(obj)
+        assert unwrapped is not None  # the elif's condition
+        state = unwrapped
         name, kwargs = model, dict(model_kwargs or {})
         loss_name, data_spec, training = loss or "cross_entropy", dict(data or {}), {}
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -123,7 +123,7 @@ def _plugin_dataset(spec: str, split: str, kwargs: dict | None) -> Dataset:
         what = "samples"
     else:
         try:
-            items = list(obj)
+            items = list(cast(Iterable[Any], obj))  # a non-iterable fails here, as handled below
         except Exception as exc:  # noqa: BLE001 - not iterable, or its iterator fails
             raise CurvscopeError(f"the data plug-in {spec!r} returned a {type(obj).__name__}, not a Dataset, a "
                                  f"DataLoader or an iterable of (inputs, targets): {summary(exc)}.") from None

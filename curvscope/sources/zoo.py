@@ -7,7 +7,6 @@ outputs gives the same value).
 """
 from __future__ import annotations
 
-
 import math
 from typing import Callable
 
@@ -135,7 +134,8 @@ def build_model(name: str, kwargs: dict | None = None) -> nn.Module:
     if ":" in name:
         model = call_plugin(name, kwargs, "model")
         if not isinstance(model, nn.Module):
-            raise CurvscopeError(f"the model factory {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+            raise CurvscopeError(f"the model factory {name!r} returned a {type(model).__name__}, not a "
+                                 f"torch.nn.Module.")
         return model
     if name not in MODELS:
         raise CurvscopeError(
