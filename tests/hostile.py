@@ -9,16 +9,20 @@ folder to write its inputs into and returns a list of cases. ``test_hostile.py``
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from click.testing import CliRunner
+from conftest import write_tiny_bundle
 
 from curvscope.cli.main import main
 
 #: Crafted files that try to run code make this file; its existence after a case is a failure.
 MARKER_NAME = "PWNED"
+#: Options that make every analysis of the tiny bundle fast.
+QUICK = ["--no-render", "--no-spectrum", "-q"]
 
 
 @dataclass
@@ -31,6 +35,23 @@ class HostileCase:
     expect: int | tuple[int, ...] = 2  # the exit code, or the codes allowed (a bit flip may leave a file usable)
     protect: list[Path] = field(default_factory=list)  # files that must be byte-identical afterwards
     marker: Path | None = None  # a file that code smuggled into the input would create
+
+
+def existing_results(tmp: Path) -> Path:
+    """A results file made before the hostile runs; every refused run must leave it byte for byte as it was."""
+    out = tmp / "existing.h5"
+    if not out.exists():
+        res = CliRunner().invoke(main, ["analyse", str(write_tiny_bundle(tmp / "good.pt")), "-o", str(out), *QUICK])
+        assert res.exit_code == 0, res.output
+    return out
+
+
+def flipped(raw: bytes, seed: int) -> bytes:
+    """`raw` with 1 to 4 bits flipped (1 + seed % 4) at places drawn from `seed`."""
+    rng, data = random.Random(seed), bytearray(raw)
+    for _ in range(1 + seed % 4):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    return bytes(data)
 
 
 def digest(path: Path) -> str:

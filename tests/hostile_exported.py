@@ -22,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from click.testing import CliRunner
-from conftest import TINY_MODEL, write_tiny_bundle
-from hostile import MARKER_NAME, HostileCase
-
-from curvscope.cli.main import main
+from conftest import TINY_MODEL
+from hostile import MARKER_NAME, QUICK, HostileCase, existing_results
 
 TINY_DATA = ["--data", "synthetic", "--data-kwargs", '{"shape": [12], "num_classes": 3, "n": 40}', "--loss", "nll"]
-QUICK = ["--no-render", "--no-spectrum", "-q"]
 #: How each crafted archive is made to run its code in plain torch: loading it, or calling its module.
 PLAIN_TORCH_RUNS = {"sample inputs exec": "load", "sample inputs os.system": "load", "weight use_pickle": "load",
                     "constant use_pickle": "load", "opaque object": "load", "legacy weights member": "load",
@@ -246,15 +242,6 @@ def _huge_weight(config: bytes) -> str:
     tree = json.loads(config)
     tree["config"]["net.1.weight"]["tensor_meta"]["sizes"] = [{"as_int": 1_000_000}, {"as_int": 1_000_000}]
     return json.dumps(tree)
-
-
-def existing_results(tmp: Path) -> Path:
-    """A results file written before the hostile runs, which every refused run must leave as it was."""
-    out = tmp / "existing.h5"
-    if not out.exists():
-        res = CliRunner().invoke(main, ["analyse", str(write_tiny_bundle(tmp / "good.pt")), "-o", str(out), *QUICK])
-        assert res.exit_code == 0, res.output
-    return out
 
 
 #: Crafted archives that trust does not make loadable (the message does not offer --trust-checkpoint).

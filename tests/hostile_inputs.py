@@ -17,16 +17,15 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+import h5py
 import numpy as np
 import torch
 from click.testing import CliRunner
 from conftest import SHIPPED, write_tiny_bundle
-from hostile import MARKER_NAME, HostileCase
+from hostile import MARKER_NAME, QUICK, HostileCase, existing_results, flipped
 
 from curvscope.cli.main import main
 
-#: Options that make every analysis of the tiny bundle fast.
-QUICK = ["--no-render", "--no-spectrum", "-q"]
 TINY_DATA = ["--data", "synthetic", "--data-kwargs", '{"shape": [12], "num_classes": 3, "n": 40}', "--loss", "nll"]
 CODE_NAMES = ("os:system", "builtins:exec", "subprocess:run", "posix:system")
 
@@ -59,15 +58,6 @@ def _torch_save_with(obj: Any, path: Path) -> Path:
         for name, content in members.items():
             zout.writestr(name, content)
     return path
-
-
-def existing_results(tmp: Path) -> Path:
-    """A results file made before the hostile runs; every refused run must leave it byte for byte as it was."""
-    out = tmp / "existing.h5"
-    if not out.exists():
-        res = CliRunner().invoke(main, ["analyse", str(write_tiny_bundle(tmp / "good.pt")), "-o", str(out), *QUICK])
-        assert res.exit_code == 0, res.output
-    return out
 
 
 def code_in_checkpoints(tmp: Path) -> list[HostileCase]:
@@ -147,12 +137,8 @@ def damaged_bundles(tmp: Path) -> list[HostileCase]:
         cases.append(HostileCase(f"checkpoint truncated at {cut} of {len(raw)} bytes",
                                  ["analyse", path, "-o", out, *QUICK], "", protect=[out, path]))
     for seed in range(16):
-        flip = random.Random(seed)
-        data = bytearray(raw)
-        for _ in range(1 + seed % 4):
-            data[flip.randrange(len(data))] ^= 1 << flip.randrange(8)
         path = tmp / f"flipped-{seed}.pt"
-        path.write_bytes(bytes(data))
+        path.write_bytes(flipped(raw, seed))
         cases.append(HostileCase(f"checkpoint with bits flipped (seed {seed})",  # may stay usable: exit 0 or 2
                                  ["analyse", path, "-o", tmp / f"flipped-{seed}.h5", *QUICK], "", expect=(0, 2),
                                  protect=[path]))
@@ -270,5 +256,28 @@ def bad_plugins_and_data(tmp: Path) -> list[HostileCase]:
     return cases
 
 
+def unrenderable_values(tmp: Path) -> list[HostileCase]:
+    """Results files that pass the schema but hold values no analysis writes: drawing them must fail cleanly."""
+    good = tmp / "spectra.h5"
+    res = CliRunner().invoke(main, ["analyse", str(write_tiny_bundle(tmp / "s.pt")), "-o", str(good), "--no-render",
+                                    "--top-k", "2", "--lanczos-steps", "20", "-q"])
+    assert res.exit_code == 0, res.output
+    changes = {"huge H̄ entries": {"pseudo_hessian": lambda v: np.where(np.eye(len(v)) > 0, 1e308, -1e308)},
+               "an all-NaN density": {"spectrum/density/density": lambda v: v * np.nan,
+                                      "spectrum/density/grid": lambda v: v * np.nan}}
+    cases = []
+    for name, edits in changes.items():
+        path = tmp / f"{name.replace(' ', '_')}.h5"
+        path.write_bytes(good.read_bytes())
+        with h5py.File(path, "r+") as fh:
+            for dataset, edit in edits.items():
+                item = fh[f"checkpoints/s/{dataset}"]
+                item[...] = edit(item[()])
+        cases.append(HostileCase(f"render: {name}", ["render", path, "--out-dir", tmp / "figs"], "cannot be drawn",
+                                 protect=[path]))
+    return cases
+
+
 GENERATORS = {"code in checkpoints": code_in_checkpoints, "damaged bundles": damaged_bundles,
-              "bad options": bad_options, "bad plug-ins and data": bad_plugins_and_data}
+              "bad options": bad_options, "bad plug-ins and data": bad_plugins_and_data,
+              "unrenderable values": unrenderable_values}

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 from click.testing import CliRunner
 from conftest import write_tiny_bundle
-from hostile import HostileCase
+from hostile import HostileCase, flipped
 
 from curvscope.cli.main import main
 from curvscope.errors import CurvscopeError
@@ -278,12 +278,8 @@ def damaged(base: Path, folder: Path, flips: int = 15, usable: int = 2) -> dict[
     wanted = {False: flips, True: usable}
     seed = 0
     while any(wanted.values()):
-        flip = random.Random(seed)
-        data = bytearray(raw)
-        for _ in range(1 + seed % 4):
-            data[flip.randrange(len(data))] ^= 1 << flip.randrange(8)
         path = folder / f"flipped-{seed}.h5"
-        path.write_bytes(bytes(data))
+        path.write_bytes(flipped(raw, seed))
         valid = _validates(path)
         if wanted[valid]:
             wanted[valid] -= 1

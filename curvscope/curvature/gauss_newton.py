@@ -38,8 +38,7 @@ one of two exact ways (``jacobian``):
   back to double-vjp. The method used is recorded as the result's
   ``strategy``.
 
-When Q_0 = 0 (the GGN of NLL on log-probabilities: the loss is linear in the
-outputs), found on batch 0 by applying Q_0 to a random vector, no Jacobian
+When Q_0 = 0 (the GGN of a loss linear in the outputs), found on batch 0 by applying Q_0 to a random vector, no Jacobian
 is formed: each batch's Q_b is checked the same way and C̄_b = 0, C_b v = 0.
 
 **Products** (C_b)_BB v = J_Bᵀ Q_b (J_B v_B) for a block B of tensors: the tangent
@@ -69,7 +68,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.curvature.data_conv import data_convolutions
 from curvscope.curvature.objective import Progress, differentiate
-from curvscope.curvature.operator import CurvatureOperator
+from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError, summary
 
@@ -102,18 +101,6 @@ def _forward_mode() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-def _saved_bytes() -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[int, int]]:
-    """A pack hook for ``saved_tensors_hooks`` that records the storages autograd saves (bytes by pointer)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    return pack, seen
 
 
 class OutputSpaceOperator(CurvatureOperator):
@@ -226,7 +213,7 @@ class OutputSpaceOperator(CurvatureOperator):
     def _chunk(self, b: int, S: int) -> int:
         """How many tangents one vmapped forward-mode pass carries: as many as fit ``max_memory``."""
         if not self._activation_bytes:  # what a forward pass saves, per sample: a bound on a tangent's activations
-            pack, seen = _saved_bytes()
+            pack, seen = saved_bytes()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 self._evaluate(0, self.params)
             self._activation_bytes = max(1, sum(seen.values()) // max(int(self.obj.batches[0][0].shape[0]), 1))
@@ -390,7 +377,7 @@ class OutputSpaceOperator(CurvatureOperator):
     def prepare(self) -> None:
         """Measure batch 0's graphs (f_b's forward graph, h(w) = J_bᵀw's backward graph); keep every batch's
         when all of them fit ``max_memory``."""
-        pack, seen = _saved_bytes()
+        pack, seen = saved_bytes()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             first = self._cached_batch(0)
         n0 = max(int(self.obj.batches[0][0].shape[0]), 1)

@@ -29,7 +29,7 @@ import torch
 
 from curvscope.curvature.kinds import KINDS
 from curvscope.curvature.objective import Objective, Progress, differentiate
-from curvscope.curvature.operator import CurvatureOperator
+from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError
 
@@ -73,13 +73,7 @@ ROWS = {"triangular": _rows_triangular, "batched": _rows_batched}
 
 def _measured_graph(obj: Objective, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
     """∇L_0 with its graph for batch 0, and the bytes autograd saved to build it."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
+    pack, seen = saved_bytes()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         grads = obj.gradient_with_graph(0, params)
     return grads, sum(seen.values())

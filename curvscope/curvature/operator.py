@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Sequence
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,19 @@ def full_gradient(obj: Objective, params: Sequence[torch.Tensor], progress: Prog
         loss += w * float(value.detach())
         progress("gradient", b + 1, len(obj.batches))
     return grad, loss
+
+
+def saved_bytes() -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[int, int]]:
+    """A pack hook for ``torch.autograd.graph.saved_tensors_hooks`` recording the storages autograd saves
+    (bytes by storage pointer): the measured memory of a graph."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    return pack, seen
 
 
 class CurvatureOperator(ABC):
