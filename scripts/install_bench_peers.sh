@@ -2,13 +2,15 @@
 # The benchmark's peer libraries (scripts/bench.py, scripts/peers.py), into the active Python environment,
 # without touching its torch.
 #
-# Every peer here requires torch and some torchvision (backpack-for-pytorch, pulled by curvlinops): left to
-# pip's resolver they can bring a different torch build that replaces the installed one. So each is installed
-# with --no-deps, at a pinned version, and so are their pure-Python dependencies. The pins were checked to
-# import and run with torch 2.13.0+cpu. Install curvscope and its torch first:
+# Every peer here requires torch, and backpack-for-pytorch (pulled by curvlinops) torchvision too: left to
+# pip's resolver they can bring another torch build that replaces the installed one (`pip install
+# curvlinops-for-pytorch` does). So each is installed with --no-deps at a pinned version, and so are their
+# pure-Python dependencies (also in setup.cfg's `bench` extra, which holds nothing that requires torch), so
+# that this script works on its own. The pins were checked to import and run with torch 2.13.0+cpu.
+# Install curvscope and its torch first:
 #     pip install torch==2.13.0 && pip install -e ".[bench]" && bash scripts/install_bench_peers.sh
-# backpack's own requirements torchvision and unfoldNd are left out on purpose: curvlinops' GGN and empirical
-# Fisher operators do not use them (`pip check` names them; nothing here imports them).
+# backpack's own requirements torchvision and unfoldNd are left out on purpose: curvlinops' GGN and
+# empirical Fisher operators do not use them (`pip check` names them as missing; nothing here imports them).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
