@@ -97,7 +97,8 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
                 seed=options.seed, progress=progress)
-        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [st.learning_rates for st in inter.steps])
+        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [st.learning_rates for st in inter.steps],
+                                    gradient=gradient)
         attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
                  "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

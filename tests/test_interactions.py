@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from curvscope import newton_step, pseudo_hessian
+from curvscope.curvature.objective import Objective
+from curvscope.curvature.operator import full_gradient
+from curvscope.curvature.partition import trainable
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.measures.interactions import (
     block_mask,
@@ -122,3 +125,7 @@ def test_predicted_equals_actual_for_an_exactly_quadratic_loss() -> None:
     assert quadratic_model(step.learning_rates, res.pseudo_gradient, res.pseudo_hessian) == \
         pytest.approx(step.predicted_decrease)
     assert model.lin.weight.grad is None  # the caller's model is untouched
+    obj = Objective.create(model, loss_fn, batches)  # a gradient computed once and passed in gives the same losses
+    given = loss_after_steps(model, loss_fn, batches, "canonical", [s.learning_rates for s in all_steps],
+                             gradient=full_gradient(obj, [p for _, p in trainable(model)]))
+    assert given[0] == loss0 and np.array_equal(given[1], after)
