@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from curvscope.curvature.kinds import curvature_kind
+from curvscope.curvature.kinds import curvature_kind, stored_kind
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import GROUPINGS, PARTS
 from curvscope.store.hdf5 import StoredCheckpoint
@@ -96,11 +96,11 @@ def audit_checkpoint(ck: StoredCheckpoint, results: Path, approximations: Sequen
     S = len(ck["pseudo_gradient"])
     newton = _step(ck, "newton")
     del newton["efficiency"]
-    bar = curvature_kind(str(ck.attrs.get("curvature", ""))).bar
+    kind = stored_kind(ck.attrs)
     return {"label": ck.label, "results": str(results), "source": ck.attrs.get("source"),
-            "curvature": curvature_kind(str(ck.attrs.get("curvature", ""))).name, "matrix": bar,
+            "curvature": kind.name, "matrix": kind.bar,
             "positive_definite": pd,
-            "efficiency": "defined" if pd else f"undefined: {bar} not positive definite",
+            "efficiency": "defined" if pd else f"undefined: {kind.bar} not positive definite",
             "significant_pairs": int(ck["interactions/significant_count"]), "pairs": S * (S - 1) // 2,
             "newton": newton, "cauchy": _step(ck, "cauchy"), "approximations": rows,
             "valid": all(r["valid"] for r in rows)}

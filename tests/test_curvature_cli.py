@@ -104,3 +104,16 @@ def test_commands_that_read_results_import_no_torch(results: Path, tmp_path: Pat
                               env=env, cwd=tmp_path)
         assert proc.returncode in (0, 1), (args, proc.stderr)
         assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+
+
+def test_an_unknown_curvature_is_refused_by_the_reader(results: Path, tmp_path: Path) -> None:
+    """A record naming a curvature this curvscope does not know (tampered, or from a newer one) is bad input."""
+    odd = tmp_path / "odd.h5"
+    odd.write_bytes(results.read_bytes())
+    with h5py.File(odd, "r+") as fh:
+        fh["checkpoints/t@ggn"].attrs["curvature"] = "hessian2"
+    before = odd.read_bytes()
+    for command in ("info", "audit", "render"):
+        res = run(command, odd)
+        assert res.exit_code == 2 and "curvature" in res.output and "Traceback" not in res.output, res.output
+    assert odd.read_bytes() == before

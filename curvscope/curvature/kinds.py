@@ -5,6 +5,7 @@ Each kind's operator (the computation) is registered in ``curvscope.curvature.re
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -37,6 +38,11 @@ def curvature_kind(name: str) -> CurvatureKind:
         return KINDS[name or DEFAULT_CURVATURE]
     except KeyError:
         raise ValueError(f"unknown curvature {name!r}: choose one of {', '.join(KINDS)}") from None
+
+
+def stored_kind(attrs: Mapping[str, object]) -> CurvatureKind:
+    """The curvature of a stored record, from its attributes (the Hessian when they do not say)."""
+    return curvature_kind(str(attrs.get("curvature") or ""))
 
 
 def record_label(label: str, curvature: str) -> str:

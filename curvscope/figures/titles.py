@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from curvscope.curvature.kinds import CurvatureKind, curvature_kind
+from curvscope.curvature.kinds import CurvatureKind, stored_kind
 from curvscope.store.hdf5 import StoredCheckpoint
 
 
@@ -65,10 +65,10 @@ def matrix_names(stored: StoredCheckpoint) -> MatrixNames:
 
     A curvature this version does not know (a newer file) is named generically, C̄, by its stored name.
     """
-    name = str(stored.attrs.get("curvature") or "")
     try:
-        kind = curvature_kind(name)
+        kind = stored_kind(stored.attrs)
     except ValueError:
+        name = str(stored.attrs.get("curvature"))
         kind = CurvatureKind(name, "C", f"curvature {name!r}", name)
     method = stored.data_attrs.get("pseudo_hessian_inverse", {}).get("method")
     return MatrixNames(kind, method == "pseudo-inverse")

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from curvscope import __version__
+from curvscope.curvature.kinds import stored_kind
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import GROUPINGS, PARTS, SIGNIFICANCE
 from curvscope.measures.normalized import normalized
@@ -283,7 +284,8 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
         lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
     if a.get("determinism_warning"):
         lines.append(f"  warning: {a['determinism_warning']}")
-    lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {'H̄_ss':>11s} {'η*_s':>11s}")
+    bar_ss = stored_kind(ck.attrs).bar + "_ss"
+    lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {bar_ss:>11s} {'η*_s':>11s}")
     for i, name in enumerate(ck["partition/name"]):
         lines.append(f"  {name:24s} {ck['partition/kind'][i]:6s} {int(ck['partition/size'][i]):9d} "
                      f"{ck['pseudo_gradient'][i]:11.4g} {ck['pseudo_hessian'][i, i]:11.4g} "
@@ -298,23 +300,24 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
 
 
 def _pseudo_hessian_line(ck: StoredCheckpoint) -> str:
-    """S, the inverse's method and condition number, whether H̄ is positive definite (as stored, unless
-    H̄ holds NaN or inf, which makes any such claim meaningless) and the predicted decrease."""
-    inv = ck.data_attrs["pseudo_hessian_inverse"]
+    """S, the inverse's method and condition number, whether C̄ (H̄, Ḡ or F̄) is positive definite (as stored,
+    unless C̄ holds NaN or inf, which makes any such claim meaningless) and the predicted decrease."""
+    inv, bar = ck.data_attrs["pseudo_hessian_inverse"], stored_kind(ck.attrs).bar
     definite = (f"positive definite: {inv['positive_definite']}" if np.all(np.isfinite(ck["pseudo_hessian"]))
-                else "H̄ has non-finite entries")
-    return (f"  H̄: S={len(ck['pseudo_gradient'])}, {inv['method']}, condition number {inv['condition_number']:.3g}, "
-            f"{definite}, predicted decrease {ck['predicted_decrease']:.4g}")
+                else f"{bar} has non-finite entries")
+    return (f"  {bar}: S={len(ck['pseudo_gradient'])}, {inv['method']}, "
+            f"condition number {inv['condition_number']:.3g}, {definite}, "
+            f"predicted decrease {ck['predicted_decrease']:.4g}")
 
 
 def _spectrum_lines(ck: StoredCheckpoint) -> list[str]:
-    """The extreme eigenvalues and the trace of H, as `describe` shows them."""
-    lines = []
+    """The extreme eigenvalues and the trace of C, as `describe` shows them."""
+    lines, short = [], stored_kind(ck.attrs).short
     for end in ("top", "bottom"):
         vals, conv = ck[f"spectrum/{end}/values"], ck[f"spectrum/{end}/converged"]
-        lines.append(f"  Hessian {end}-{len(vals)}: " + ", ".join(
+        lines.append(f"  {short} {end}-{len(vals)}: " + ", ".join(
             f"{v:.5g}{'' if c else ' (not converged)'}" for v, c in zip(vals, conv)))
     sa = ck.data_attrs["spectrum"]
-    lines.append(f"  Hessian trace {ck['spectrum/trace']:.5g} ± {ck['spectrum/trace_stderr']:.2g}; "
-                 f"{sa['products']} Hessian-vector products ({sa['hvp_mode']}), {sa['elapsed_s']:.1f} s")
+    lines.append(f"  {short} trace {ck['spectrum/trace']:.5g} ± {ck['spectrum/trace_stderr']:.2g}; "
+                 f"{sa['products']} {short}-vector products ({sa['hvp_mode']}), {sa['elapsed_s']:.1f} s")
     return lines

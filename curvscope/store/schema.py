@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from curvscope.curvature.kinds import KINDS
 from curvscope.measures.interactions import GROUPINGS, PARTS
 
 FORMAT = "curvscope"
@@ -151,11 +152,12 @@ CHECKPOINT = Group(
     # What was analysed, and how: the API lets a record carry any subset, so each is checked when present.
     attrs={
         **{name: Attr(STR, required=False) for name in (
-            "source", "sha256", "model", "model_kwargs", "dataset", "dataset_kwargs", "split", "loss", "curvature",
+            "source", "sha256", "model", "model_kwargs", "dataset", "dataset_kwargs", "split", "loss",
             "direction", "partition", "device", "dtype", "strategy", "torch_version", "curvscope_version",
             "created", "subset", "frozen", "determinism_warning", "attention")},
+        "curvature": Attr(STR, required=False, choices=tuple(KINDS)),  # absent in older files: the Hessian
         **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed")},
-        **{name: Attr(FLOAT, required=False) for name in ("loss_value", "elapsed_s")},
+        **{name: Attr(FLOAT, required=False) for name in ("loss_value", "pseudo_s", "elapsed_s")},
     },
     members={
         "pseudo_gradient": Data(FLOAT, ("S",)),
