@@ -25,13 +25,14 @@ def _results(tmp_path: Path) -> Path:
     return out
 
 
-def _interrupt(args: list[str], delay: float, cwd: Path, wait_for: str | None = None) -> tuple[int, str]:
-    """Start `python args`, send SIGINT after `delay` s (counted from `wait_for` on stdout when given)."""
+def _interrupt(args: list[str], delay: float, cwd: Path, wait_for: str | None = None,
+               stream: str = "stdout") -> tuple[int, str]:
+    """Start `python args`, send SIGINT after `delay` s (counted from `wait_for` on `stream` when given)."""
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if wait_for is not None:
-        assert proc.stdout is not None
-        while wait_for not in proc.stdout.readline():
+        lines = getattr(proc, stream)
+        while wait_for not in lines.readline():
             pass
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
@@ -42,9 +43,9 @@ def _interrupt(args: list[str], delay: float, cwd: Path, wait_for: str | None = 
 def test_interrupt_while_torch_loads(tmp_path: Path) -> None:
     out = _results(tmp_path)
     before = hashlib.sha256(out.read_bytes()).hexdigest()
-    for delay in (0.3, 0.8):  # torch takes seconds to import: the command has not begun
-        code, err = _interrupt(["-m", "curvscope", "analyse", str(SHIPPED), "-o", str(out), "--overwrite"],
-                               delay, tmp_path)
+    for delay in (0.1, 0.5):  # counted from the interpreter's first import; torch takes seconds to import
+        code, err = _interrupt(["-X", "importtime", "-m", "curvscope", "analyse", str(SHIPPED), "-o", str(out),
+                                "--overwrite"], delay, tmp_path, wait_for="import time:", stream="stderr")
         assert code == 130, err
         assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
