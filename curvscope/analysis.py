@@ -10,24 +10,26 @@ import datetime as _dt
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from curvscope import __version__
-from curvscope.curvature.kinds import record_label
+from curvscope.curvature.kfac import kfac
+from curvscope.curvature.kinds import KFAC_FLAVOUR_OF, record_label
 from curvscope.curvature.newton_step import newton_step
 from curvscope.curvature.objective import Objective, Progress, no_progress
-from curvscope.curvature.operator import full_gradient
-from curvscope.curvature.partition import make_partition
+from curvscope.curvature.operator import CurvatureOperator, full_gradient
+from curvscope.curvature.partition import Partition, make_partition
 from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.spectrum import spectrum
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.errors import CurvscopeError
 from curvscope.measures.interactions import Interactions, interactions
-from curvscope.results import NewtonStep, PseudoHessianResult, SpectrumResult
+from curvscope.measures.kfac import kfac_measures
+from curvscope.results import KFACResult, NewtonStep, PseudoHessianResult, SpectrumResult
 from curvscope.settings import AnalysisOptions
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
@@ -47,6 +49,7 @@ class AnalysisRecord:
     interactions: Interactions
     loss_after: np.ndarray  # L(θ − Σ η_s U_s) for each of interactions.steps
     spectrum: SpectrumResult | None = None
+    kfac: KFACResult | None = None  # for the GGN and the Fisher, unless --kfac off or K-FAC was not possible
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,7 +66,8 @@ def resolve_device(name: str) -> torch.device:
 def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | None = None,
                        progress: Progress = no_progress) -> list[AnalysisRecord]:
     """Load `path`; for each of `options.curvatures`, compute ḡ, C̄, C̄⁻¹, the Newton step, the interaction
-    measures with the actual loss after each step, and (unless turned off) the spectra: one record each.
+    measures with the actual loss after each step, K-FAC's K̄ beside Ḡ and F̄ (unless turned off), and
+    (unless turned off) the spectra: one record each.
 
     The checkpoint, the data and the full gradient u are prepared once and shared by the curvatures.
     """
@@ -93,20 +97,44 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
             inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr,
                                  step.inverse, pseudo.kinds, pseudo.layers, step.positive_definite)
             pseudo_s = time.perf_counter() - start
+            kfac_parts, kfac_note = _kfac(op, part, gradient[0], pseudo, step, options, progress)
             spec = None if not options.spectrum else spectrum(
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
                 seed=options.seed, progress=progress)
-        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [st.learning_rates for st in inter.steps],
-                                    gradient=gradient)
+        etas = [st.learning_rates for st in inter.steps]
+        if kfac_parts is not None:
+            etas.append(kfac_parts.measures.step.learning_rates)
+        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, etas, gradient=gradient)
+        kf = None if kfac_parts is None else replace(kfac_parts, actual_decrease=pseudo.loss - float(after[-1]))
         attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
                  "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
+                 "kfac_note": kfac_note,
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "pseudo_s": pseudo_s, "elapsed_s": time.perf_counter() - start}
         records.append(AnalysisRecord(record_label(label or default_label(path), curvature), attrs, pseudo, step,
-                                      inter, after, spec))
+                                      inter, after[:len(inter.steps)], spec, kf))
         start = time.perf_counter()
     return records
+
+
+def _kfac(op: CurvatureOperator, part: Partition, u: list[torch.Tensor], pseudo: PseudoHessianResult,
+          step: NewtonStep, options: AnalysisOptions, progress: Progress) -> tuple[KFACResult | None, str]:
+    """K-FAC's K̄ and measures beside C̄ (actual decrease still unknown), or None and why not ("": not asked)."""
+    if options.kfac == "off" or op.name not in KFAC_FLAVOUR_OF:
+        return None, ""
+    start = time.perf_counter()
+    try:
+        factors = kfac(op, "mc" if options.kfac == "mc" else None, approximation=options.kfac_approximation,
+                       mc_samples=options.kfac_samples, seed=options.seed, progress=progress)
+        kbar, rules = factors.projection(part, u, pseudo.pseudo_hessian)
+    except CurvscopeError as exc:  # this model or partition has no K-FAC (the analysis itself goes on)
+        return None, f"K-FAC not computed: {exc}"
+    measures = kfac_measures(pseudo.pseudo_gradient, pseudo.pseudo_hessian, step.inverse, kbar, pseudo.kinds,
+                             pseudo.layers, np.asarray(rules, dtype=str), step.positive_definite, factors.flavour)
+    return KFACResult(factors.flavour, factors.approximation, factors.mc_samples, factors.seed,
+                      time.perf_counter() - start, tuple(factors.exact), kbar, np.asarray(rules, dtype=str), measures,
+                      float("nan")), ""
 
 
 def _prepare(path: str | Path, options: AnalysisOptions,

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from curvscope.measures.kfac import KFACMeasures
 
 
 @dataclass(frozen=True)
@@ -140,3 +144,21 @@ class SpectrumResult:
     graph_bytes: int
     products: int  # Hessian-vector products made in all
     elapsed_s: float
+
+
+@dataclass(frozen=True)
+class KFACResult:
+    """K-FAC's pseudo-curvature K̄ = UᵀKU beside C̄, and how it does (see curvscope.measures.kfac).
+
+    """
+
+    flavour: str  # "type-2" | "empirical" | "mc"
+    approximation: str  # "expand" | "reduce"
+    mc_samples: int
+    seed: int
+    elapsed_s: float
+    exact: tuple[str, ...]  # trainable tensors without a K-FAC rule, kept exact
+    pseudo_curvature: np.ndarray  # (S, S) K̄
+    rules: np.ndarray  # (S,) str: the rule of each group's layer ("linear", "conv2d", "exact")
+    measures: "KFACMeasures"
+    actual_decrease: float  # L(θ) − L(θ − Σ_s η_K,s U_s)

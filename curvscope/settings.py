@@ -19,7 +19,7 @@ from curvscope.curvature.defaults import (
     DEFAULT_TRACE_MATVECS,
     INT64_MAX,
 )
-from curvscope.curvature.kinds import DEFAULT_CURVATURE, KINDS
+from curvscope.curvature.kinds import DEFAULT_CURVATURE, KFAC_APPROXIMATIONS, KINDS
 from curvscope.errors import CurvscopeError
 
 PARTITIONS = ("canonical", "layer", "trivial", "discrete")
@@ -82,6 +82,13 @@ class AnalysisOptions:
                                               "the operator's norm.", "number", high=1, open_low=True)
     slq_runs: int = setting(1, "Probe vectors of the SLQ density.", "count", low=1)
     trace_matvecs: int = setting(DEFAULT_TRACE_MATVECS, "Curvature-vector products per Hutch++ trace.", "count", low=3)
+    kfac: str = setting("auto", "K-FAC beside the GGN and Fisher records, under audit: auto (type-2 factors for ggn, "
+                                "empirical ones for fisher), mc (labels sampled from the model's predictive "
+                                "distribution, seeded by --seed), or off.", "choice", choices=("auto", "mc", "off"))
+    kfac_samples: int = setting(1, "Label draws per sample for --kfac mc.", "count", low=1)
+    kfac_approximation: str = setting("expand", "How K-FAC treats the positions of weight-shared layers (sequence "
+                                                "steps, pixels of a convolution): expand (each is a sample) or reduce "
+                                                "(summed out first).", "choice", choices=KFAC_APPROXIMATIONS)
     max_memory: int = setting(DEFAULT_MAX_MEMORY, "Keep the graphs of the analysis set for reuse when they fit "
                                                   "this size (e.g. 512M, 2G); else recompute them.", "memory",
                               low=1)

@@ -227,18 +227,19 @@ def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...],
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--approximation", "approximations", type=click.Choice(["layer", "tensor"]), multiple=True,
-              default=["layer"], show_default=True, help="Block structure to audit; repeat for both.")
+@click.option("--approximation", "approximations", type=click.Choice(["layer", "tensor", "kfac"]), multiple=True,
+              default=["layer"], show_default=True,
+              help="Approximation to audit: layer or tensor blocks, or K-FAC (GGN and Fisher records); repeatable.")
 @click.option("--of", "of", type=click.Choice(["matrix", "inverse", "both", "hessian"]), default="both",
               show_default=True, help="Approximate C̄ (H̄, Ḡ or F̄: 'matrix'; 'hessian' is its old name) "
                                       "block-diagonally, or C̄⁻¹, or audit both.")
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Valid when efficiency ≥ 1 − tolerance (or, if undefined, off-block ratio ≤ tolerance).")
 @click.option("--json", "as_json", is_flag=True, help="Print every number as JSON (format curvscope-audit v1).")
-@analysis_options("curvatures", "samples", "batch_size", "device")
+@analysis_options("curvatures", "samples", "batch_size", "device", "kfac", "kfac_samples", "kfac_approximation")
 def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, tolerance: float, as_json: bool,
           **settings: Any) -> None:
-    """Is a block-diagonal curvature approximation valid? INPUTS: results files or checkpoints.
+    """Is a block-diagonal curvature approximation (or K-FAC) valid? INPUTS: results files or checkpoints.
 
     Exit 0 when every audited approximation is valid, 1 when any is not, 2 on bad input.
     Checkpoints are analysed first (without spectra, with --curvature, --samples, --batch-size and
@@ -269,6 +270,9 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
             reports += [audit_checkpoint(ck, path, approximations, ofs, tolerance) for ck in read_results(results)]
     if not reports:
         raise CurvscopeError("the results files hold no checkpoints to audit.")
+    if not any(c["approximations"] for c in reports):
+        raise CurvscopeError("no checkpoint has a GGN or Fisher record, which K-FAC approximates: analyse with "
+                             "--curvature ggn (or fisher) to audit K-FAC.")
     report = audit_report(reports, tolerance)
     click.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else format_report(report))
     sys.exit(0 if report["valid"] else 1)

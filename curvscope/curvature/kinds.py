@@ -49,3 +49,10 @@ def record_label(label: str, curvature: str) -> str:
     """A checkpoint's label in a results file for one curvature: the label itself for the Hessian (as in files
     written before curvatures were recorded), ``label@curvature`` for the others."""
     return label if curvature == DEFAULT_CURVATURE else f"{label}@{curvature}"
+
+#: K-FAC's flavours (``curvscope.curvature.kfac``): type-2 approximates the GGN, empirical the empirical Fisher,
+#: mc (sampled labels) either; and the rules by which a layer's block is approximated ("exact": not at all).
+KFAC_FLAVOURS = ("type-2", "empirical", "mc")
+KFAC_FLAVOUR_OF = {"ggn": "type-2", "fisher": "empirical"}
+KFAC_RULES = ("linear", "conv2d", "exact")
+KFAC_APPROXIMATIONS = ("expand", "reduce")  # how weight-shared positions (sequence, pixels) enter the factors

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from curvscope.errors import CurvscopeError, summary
 from curvscope.figures.heatmaps import SCALES, heatmap_figure
 from curvscope.figures.interactions import distance_figure, has_interactions, outlined_heatmap_figure, steps_figure
+from curvscope.figures.kfac import has_kfac, kfac_figure
 from curvscope.figures.output import save_figure
 from curvscope.figures.spectra import blocks_figure, density_figure, has_spectrum
 from curvscope.figures.titles import matrix_names
@@ -44,7 +45,8 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
     """Draw the figures of every (or each named) checkpoint of `results` as PDF and PNG in `out_dir`.
 
     ``<label>-heatmaps-<scale>`` per scale; ``<label>-interactions-{distance,steps,blocks}``
-    (the last with entries within 2 standard errors greyed when `grey_insignificant`); with spectra,
+    (the last with entries within 2 standard errors greyed when `grey_insignificant`); ``<label>-kfac`` for a
+    GGN or Fisher record with K-FAC; with spectra,
     ``<label>-spectrum-density`` (redrawn with σ = `density_width` x span when given) and
     ``<label>-spectrum-blocks``. Labels name the curvature (``x`` for the Hessian, ``x@ggn``, ``x@fisher``).
     With several checkpoints of one model analysed with one curvature, also
@@ -91,6 +93,10 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
                          f"step efficiency under {names.bar} and predicted against actual loss decrease"),
                         ("interactions-blocks", lambda: outlined_heatmap_figure(ck, grey_insignificant),
                          f"normalised {names.pseudo} {names.bar} and its inverse with the layer blocks outlined")]
+        if has_kfac(ck):
+            figures.append(("kfac", lambda: kfac_figure(ck),
+                            f"K-FAC's blocks against the exact layer blocks of {names.bar} along the gradient, per "
+                            f"layer and for the whole model"))
         if has_spectrum(ck):
             figures += [("spectrum-density", lambda: density_figure(ck, density_width),
                          f"SLQ density of the eigenvalues of {names.matrix}"),

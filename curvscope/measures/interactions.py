@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curvscope.measures.normalized import normalized
+from curvscope.measures.normalized import normalized, normalized_by
 
 GROUPINGS = ("tensor", "layer")
 PARTS = ("all", "weight-weight", "bias-bias", "weight-bias")
@@ -59,14 +59,22 @@ def part_mask(kinds: np.ndarray, part: str) -> np.ndarray:
     raise ValueError(f"unknown part {part!r}")
 
 
-def off_block_ratio(matrix: np.ndarray, keep: np.ndarray, part: np.ndarray | None = None) -> float:
-    """r = ‖N(M) − B(N(M))‖_F / ‖N(M)‖_F over the entries of `part` (all when None); NaN when undefined."""
+def relative_deviation(matrix: np.ndarray, approximation: np.ndarray, part: np.ndarray | None = None) -> float:
+    """r = ‖N_M(M − M̂)‖_F / ‖N(M)‖_F over the entries of `part` (all when None), with N_M the scaling of N(M)
+    (:func:`normalized_by`; entries of a zero diagonal count as 0): how far M̂ is from M; NaN when undefined."""
     n = np.nan_to_num(normalized(matrix))
-    sel = np.ones_like(keep) if part is None else part
+    d = np.nan_to_num(normalized_by(np.asarray(matrix) - approximation, matrix))
+    sel = np.ones(n.shape, dtype=bool) if part is None else part
     total = float(np.linalg.norm(n[sel]))
     if total == 0 or not sel.any():
         return float("nan")
-    return float(np.linalg.norm(n[sel & ~keep])) / total
+    return float(np.linalg.norm(d[sel])) / total
+
+
+def off_block_ratio(matrix: np.ndarray, keep: np.ndarray, part: np.ndarray | None = None) -> float:
+    """r = ‖N(M) − B(N(M))‖_F / ‖N(M)‖_F over the entries of `part` (all when None); NaN when undefined:
+    the relative deviation of the block-diagonal approximation B(M)."""
+    return relative_deviation(matrix, np.where(keep, matrix, 0.0), part)
 
 
 def distance_profile(matrix: np.ndarray, layers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,10 +125,11 @@ def steps(gbar: np.ndarray, hbar: np.ndarray, inverse: np.ndarray, layers: np.nd
         raw.append((f"block-diagonal hessian ({grouping})", "hessian", grouping,
                     np.linalg.pinv(np.where(keep, hbar, 0.0), hermitian=True) @ gbar))
         raw.append((f"block-diagonal inverse ({grouping})", "inverse", grouping, np.where(keep, inverse, 0.0) @ gbar))
-    return _with_quality(raw, gbar, hbar, positive_definite)
+    return with_quality(raw, gbar, hbar, positive_definite)
 
 
-def _with_quality(raw: list, gbar: np.ndarray, hbar: np.ndarray, positive_definite: bool) -> list[Step]:
+def with_quality(raw: list, gbar: np.ndarray, hbar: np.ndarray, positive_definite: bool) -> list[Step]:
+    """Each (name, kind, grouping, η) of `raw` as a :class:`Step` with q(η) and e = q(η)/q*; raw[0] is Newton's."""
     q_star = quadratic_model(raw[0][3], gbar, hbar)
     out = []
     for name, kind, grouping, eta in raw:

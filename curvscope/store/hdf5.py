@@ -32,7 +32,7 @@ from curvscope.store.schema import FORMAT, NAME_PATTERN, SCHEMA_VERSION
 if TYPE_CHECKING:
     from curvscope.analysis import AnalysisRecord
     from curvscope.measures.interactions import Interactions
-    from curvscope.results import EigenResult, SpectrumResult, TraceResult
+    from curvscope.results import EigenResult, KFACResult, SpectrumResult, TraceResult
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "ResultsFile", "StoredCheckpoint", "check_label", "check_writable", "describe",
            "open_results", "read_results", "stored_labels", "write_records"]
@@ -121,6 +121,8 @@ def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
     grp.create_dataset("learning_rates", data=s.learning_rates.astype(np.float64))
     grp.create_dataset("predicted_decrease", data=np.float64(s.predicted_decrease))
     _write_interactions(grp.create_group("interactions"), rec.interactions, p.loss - rec.loss_after)
+    if rec.kfac is not None:
+        _write_kfac(grp["interactions"].create_group("kfac"), rec.kfac)
     if rec.spectrum is not None:
         _write_spectrum(grp.create_group("spectrum"), rec.spectrum, p.pseudo_hessian)
 
@@ -145,6 +147,25 @@ def _write_interactions(grp: h5py.Group, inter: Interactions, actual: np.ndarray
     st.create_dataset("efficiency", data=np.array([s.efficiency for s in inter.steps], dtype=np.float64))
     grp.create_dataset("significant", data=inter.significant.astype(bool))
     grp.create_dataset("significant_count", data=np.int64(inter.significant_count))
+
+
+def _write_kfac(grp: h5py.Group, kf: KFACResult) -> None:
+    m = kf.measures
+    grp.attrs.update({"flavour": kf.flavour, "approximation": kf.approximation, "mc_samples": kf.mc_samples,
+                      "seed": kf.seed, "elapsed_s": kf.elapsed_s})
+    grp.attrs.create("exact", data=list(kf.exact), dtype=STR)
+    grp.create_dataset("pseudo_curvature", data=kf.pseudo_curvature.astype(np.float64))
+    grp.create_dataset("rule", data=kf.rules.astype(object), dtype=STR)
+    grp.create_dataset("deviation_ratio", data=m.deviation.astype(np.float64))
+    grp.create_dataset("learning_rates", data=m.step.learning_rates.astype(np.float64))
+    for key, value in (("predicted_decrease", m.step.predicted), ("actual_decrease", kf.actual_decrease),
+                       ("efficiency", m.step.efficiency)):
+        grp.create_dataset(key, data=np.float64(value))
+    layers = grp.create_group("layers")
+    layers.create_dataset("name", data=m.layers.astype(object), dtype=STR)
+    layers.create_dataset("rule", data=m.layer_rules.astype(object), dtype=STR)
+    layers.create_dataset("error", data=m.layer_error.astype(np.float64))
+    layers.create_dataset("efficiency", data=m.layer_efficiency.astype(np.float64))
 
 
 def _write_eigen(grp: h5py.Group, e: EigenResult) -> None:
@@ -280,6 +301,7 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     excluded = ck.data_attrs["pseudo_hessian_inverse"]["excluded"]
     if len(excluded):
         lines.append("  zero gradient, excluded from the inverse: " + ", ".join(excluded))
+    lines += _kfac_lines(ck)
     if a.get("frozen"):
         lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
     if a.get("determinism_warning"):
@@ -308,6 +330,21 @@ def _pseudo_hessian_line(ck: StoredCheckpoint) -> str:
     return (f"  {bar}: S={len(ck['pseudo_gradient'])}, {inv['method']}, "
             f"condition number {inv['condition_number']:.3g}, {definite}, "
             f"predicted decrease {ck['predicted_decrease']:.4g}")
+
+
+def _kfac_lines(ck: StoredCheckpoint) -> list[str]:
+    """K-FAC's step beside the exact layer blocks' (interactions/kfac), or why it is absent."""
+    if "interactions/kfac/efficiency" not in ck.data:
+        return [f"  {ck.attrs['kfac_note']}"] if ck.attrs.get("kfac_note") else []
+    k, bar = ck.data_attrs["interactions/kfac"], stored_kind(ck.attrs).bar
+    steps = ck["interactions/steps/kind"], ck["interactions/steps/grouping"]
+    layer = float(ck["interactions/steps/efficiency"][(steps[0] == "hessian") & (steps[1] == "layer")][0])
+    exact = f"; kept exact: {', '.join(k['exact'])}" if len(k["exact"]) else ""
+    return [f"  K-FAC ({k['flavour']}, {k['approximation']}): step efficiency {ck['interactions/kfac/efficiency']:.4g} "
+            f"(exact layer blocks of {bar}: {layer:.4g}), deviation from {bar} "
+            f"{ck['interactions/kfac/deviation_ratio'][0]:.3g}, predicted decrease "
+            f"{ck['interactions/kfac/predicted_decrease']:.4g}, actual {ck['interactions/kfac/actual_decrease']:.4g}"
+            f"{exact}"]
 
 
 def _spectrum_lines(ck: StoredCheckpoint) -> list[str]:

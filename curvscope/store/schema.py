@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvscope.curvature.kinds import KINDS
+from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOURS, KFAC_RULES, KINDS
 from curvscope.measures.interactions import GROUPINGS, PARTS
 
 FORMAT = "curvscope"
@@ -104,6 +104,24 @@ MATRIX_INTERACTIONS = Group(members={
     "distance_count": Data(INT, ("K",)),
 })
 
+KFAC = Group(
+    optional=True,  # for the GGN and the Fisher only, and absent in files of an older curvscope
+    attrs={"flavour": Attr(STR, choices=KFAC_FLAVOURS), "approximation": Attr(STR, choices=KFAC_APPROXIMATIONS),
+           "mc_samples": Attr(INT), "seed": Attr(INT), "elapsed_s": Attr(FLOAT), "exact": Attr(STR, (None,))},
+    members={
+        "pseudo_curvature": Data(FLOAT, ("S", "S")),
+        "rule": Data(STR, ("S",), choices=KFAC_RULES),
+        "deviation_ratio": Data(FLOAT, (len(PARTS),)),
+        "learning_rates": Data(FLOAT, ("S",)),
+        "predicted_decrease": Data(FLOAT, ()),
+        "actual_decrease": Data(FLOAT, ()),
+        "efficiency": Data(FLOAT, ()),
+        "layers": Group(members={"name": Data(STR, ("L",)), "rule": Data(STR, ("L",)),
+                                 "error": Data(FLOAT, ("L",)), "efficiency": Data(FLOAT, ("L",))},
+                        dims={"L": 1}),
+    },
+)
+
 INTERACTIONS = Group(
     optional=True,  # files of an older curvscope have none
     attrs={"positive_definite": Attr(BOOL), "efficiency": Attr(STR), "significance_threshold": Attr(FLOAT),
@@ -123,6 +141,7 @@ INTERACTIONS = Group(
         }),
         "significant": Data(BOOL, ("S", "S")),
         "significant_count": Data(INT, ()),
+        "kfac": KFAC,
     },
     dims={"K": 0, "n": 1},
     rules=(_steps_complete,),
@@ -154,7 +173,7 @@ CHECKPOINT = Group(
         **{name: Attr(STR, required=False) for name in (
             "source", "sha256", "model", "model_kwargs", "dataset", "dataset_kwargs", "split", "loss",
             "direction", "partition", "device", "dtype", "strategy", "torch_version", "curvscope_version",
-            "created", "subset", "frozen", "determinism_warning", "attention")},
+            "created", "subset", "frozen", "determinism_warning", "attention", "kfac_note")},
         "curvature": Attr(STR, required=False, choices=tuple(KINDS)),  # absent in older files: the Hessian
         **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed")},
         **{name: Attr(FLOAT, required=False) for name in ("loss_value", "pseudo_s", "elapsed_s")},
