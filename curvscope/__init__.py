@@ -1,7 +1,8 @@
 """curvscope: the curvature of trained neural networks, layer by layer.
 
 Stable API (docs/DESIGN.md §3): :func:`load_checkpoint`, :func:`pseudo_hessian`,
-:func:`newton_step`, :func:`eigenvalues`, :func:`trace`, :func:`spectral_density`.
+:func:`newton_step`, :func:`eigenvalues`, :func:`trace`, :func:`spectral_density`,
+:func:`curvature_operator`, :func:`kfac`.
 
 The names are imported on first use, so that importing a light part of the
 package (the results-file store, the command line's entry point) does not pull
@@ -26,6 +27,7 @@ _API = {
     "save_checkpoint": "curvscope.sources.checkpoint",
     "CurvatureOperator": "curvscope.curvature.operator",
     "curvature_operator": "curvscope.curvature.registry",
+    "kfac": "curvscope.curvature.kfac",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -256,7 +256,9 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
     ``mc`` draws `mc_samples` labels per sample from the model's predictive distribution, seeded by `seed`.
     Accumulated in float64 over the batches; see the module docstring for the formulas.
     """
-    flavour = flavour or KFAC_FLAVOUR_OF.get(op.name)
+    if op.name not in KFAC_FLAVOUR_OF:
+        raise CurvscopeError(f"K-FAC approximates the GGN or the empirical Fisher, not the {op.title}.")
+    flavour = flavour or KFAC_FLAVOUR_OF[op.name]
     if flavour not in KFAC_FLAVOURS:
         raise CurvscopeError(f"K-FAC approximates the GGN (type-2 or mc) or the empirical Fisher (empirical or mc), "
                              f"not the {op.title}.")
@@ -350,8 +352,11 @@ def _backward_vectors(op: CurvatureOperator, flavour: str, b: int, z: torch.Tens
         losses = op.per_sample_losses(z, y)  # type: ignore[attr-defined]
         return [(losses.sum(), torch.ones((), dtype=z.dtype, device=z.device), 1.0)]
     if flavour == "mc":
-        return [(n * _loss(op, z, _sample(op, z, y, generator)), torch.ones((), dtype=z.dtype, device=z.device),
-                 1.0 / mc_samples) for _ in range(mc_samples)]
+        # A sample's loss averages T label positions (class scores (n, C, T…)): its sampled gradients' outer
+        # products average to 1/T of its output Hessian, hence the weight T (mse's noise already accounts for it).
+        terms = z[0].numel() // z.shape[1] if op.obj.loss_fn is not LOSSES["mse"] and z.dim() > 2 else 1
+        return [(n * op.obj.loss_fn(z, _sample(op, z, y, generator)),
+                 torch.ones((), dtype=z.dtype, device=z.device), terms / mc_samples) for _ in range(mc_samples)]
     state = op.output_state(b, z.detach())  # type: ignore[attr-defined]
     if state is None:  # Λ = 0
         return []
@@ -377,10 +382,6 @@ def _backward_vectors(op: CurvatureOperator, flavour: str, b: int, z: torch.Tens
             if bool(chosen.any()):
                 out.append((z, v * chosen, sign))
     return out
-
-
-def _loss(op: CurvatureOperator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return op.obj.loss_fn(z, y)
 
 
 def _sample(op: CurvatureOperator, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
