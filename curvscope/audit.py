@@ -175,6 +175,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  Newton step: predicted decrease {_fmt(n['predicted_decrease'])}, actual "
                      f"{_fmt(n['actual_decrease'])}; Cauchy step: efficiency {_fmt(ca['efficiency'])}, "
                      f"predicted {_fmt(ca['predicted_decrease'])}, actual {_fmt(ca['actual_decrease'])}")
+        if not c["approximations"]:
+            lines.append(f"  nothing to audit: K-FAC approximates the GGN or the Fisher, not the "
+                         f"{curvature_kind(c['curvature']).title}")
+            continue
         head = (f"  {'approximation':14s} {'of':8s} {'r(all)':>9s} {'r(WW)':>9s} {'r(BB)':>9s} {'r(WB)':>9s} "
                 f"{'effic.':>9s} {'predicted':>10s} {'actual':>10s}  verdict (rule)")
         lines.append(head)

@@ -3,7 +3,9 @@
 A real results file is made first (the tiny bundle analysed with spectra, by the CLI in-process);
 the corpus is then drawn from it: truncations and bit flips from fixed seeds, and one tampered
 copy per kind of schema violation (wrong shapes, dtypes, kinds of member, attributes, links,
-data kept outside the file …). Every variant is run through ``info``, ``render``, ``audit`` and
+data kept outside the file …). K-FAC's interactions/kfac group (issue #15) is tampered in a second
+base file, the tiny bundle's GGN without spectra (the first base file, whose bytes decide where
+the seeded bit flips land, is left as it was). Every variant is run through ``info``, ``render``, ``audit`` and
 ``analyse -o VARIANT``; each must refuse it in one paragraph with exit 2 and leave it as it was.
 Bit flips that land in unused bytes or in the numbers leave a file that still reads: those are
 expected to succeed (``audit``: 0 or 1, its verdict), still without a traceback or a change.
@@ -26,6 +28,7 @@ from curvscope.errors import CurvscopeError
 from curvscope.store.reader import looks_like_hdf5, parse
 
 LABEL = "tiny_ep03"
+KFAC_LABEL = f"{LABEL}@ggn"  # the record of the second base file, which holds interactions/kfac
 #: Every refusal of a damaged results file says which file and that it is not usable results.
 REFUSED = r"(not a valid curvscope results file|cannot be read as a curvscope results file|not an HDF5 file)"
 Tamper = Callable[[h5py.File, h5py.Group], None]
@@ -43,6 +46,17 @@ def results_file(tmp: Path) -> tuple[Path, Path]:
     res = CliRunner().invoke(main, ["analyse", str(ckpt), "-o", str(out), "--no-render", "-q"])
     assert res.exit_code == 0, res.output
     return ckpt, out
+
+
+def ggn_results_file(tmp: Path, ckpt: Path) -> Path:
+    """A second real results file: the GGN of `ckpt` without spectra, with K-FAC (interactions/kfac)."""
+    out = tmp / "base-ggn.h5"
+    res = CliRunner().invoke(main, ["analyse", str(ckpt), "-o", str(out), "--curvature", "ggn", "--no-spectrum",
+                                    "--no-render", "-q"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(out) as fh:
+        assert "interactions/kfac/efficiency" in fh[f"checkpoints/{KFAC_LABEL}"], "no K-FAC to tamper with"
+    return out
 
 
 def _replace(group: h5py.Group, name: str, data: object = None, **kwargs: object) -> None:
@@ -246,6 +260,31 @@ def tampered(tmp: Path) -> dict[str, tuple[Tamper, str]]:
     }
 
 
+def kfac_tampered() -> dict[str, tuple[Tamper, str]]:
+    """Each schema violation of interactions/kfac (applied to the GGN base file), and what the refusal must name."""
+    kf = "interactions/kfac"
+    string = {"dtype": h5py.string_dtype()}
+    return {
+        "K̄ not square": (_reshape(f"{kf}/pseudo_curvature", lambda S: (S, S + 1)),
+                         words(f"{kf}/pseudo_curvature has shape (4, 5), expected (S, S) = (4, 4)")),
+        "K-FAC rule unknown": (_retype(f"{kf}/rule", lambda S: np.array(["quadratic"] * S, dtype=object), **string),
+                               words(f"dataset {kf}/rule holds 'quadratic', expected one of 'linear'")),
+        "K-FAC flavour unknown": (_set_attr(kf, "flavour", "type-3"),
+                                  words(f"attribute flavour of {kf} holds 'type-3', expected one of 'type-2'")),
+        "K-FAC approximation unknown": (_set_attr(kf, "approximation", "squeeze"),
+                                        words(f"attribute approximation of {kf} holds 'squeeze'")),
+        "K-FAC layer errors of another L": (_reshape(f"{kf}/layers/error", lambda S: (3,)),
+                                            words(f"{kf}/layers/error has shape (3,), expected (L,) = (2,)")),
+        "K-FAC efficiency a vector": (_reshape(f"{kf}/efficiency", lambda S: (2,)),
+                                      words(f"{kf}/efficiency has shape (2,), expected ()")),
+        "K-FAC mc_samples a string": (_set_attr(kf, "mc_samples", "three"),
+                                      words(f"attribute mc_samples of {kf} is a string")),
+        "K-FAC a dataset": (_as_dataset(kf), words(f"{kf} is a dataset, expected a group")),
+        "K-FAC deviation ratios too short": (_reshape(f"{kf}/deviation_ratio", lambda S: (3,)),
+                                             words(f"{kf}/deviation_ratio has shape (3,), expected (4,)")),
+    }
+
+
 def _reshape_huge(path: str) -> Tamper:
     """A dataset declaring 10⁹ elements that were never written (HDF5 would return its fill value)."""
     def tamper(fh: h5py.File, ck: h5py.Group) -> None:
@@ -290,8 +329,9 @@ def damaged(base: Path, folder: Path, flips: int = 15, usable: int = 2) -> dict[
     return out
 
 
-def variants(tmp: Path, base: Path) -> dict[str, tuple[Path, str]]:
-    """Every damaged or tampered copy of `base`: variant id -> (file, message the refusal must match)."""
+def variants(tmp: Path, base: Path, ggn_base: Path | None = None) -> dict[str, tuple[Path, str]]:
+    """Every damaged or tampered copy of `base` (and, given `ggn_base`, the K-FAC tampers of it): variant id ->
+    (file, message the refusal must match)."""
     folder = tmp / "results-variants"
     folder.mkdir(exist_ok=True)
     out = damaged(base, folder)
@@ -306,14 +346,21 @@ def variants(tmp: Path, base: Path) -> dict[str, tuple[Path, str]]:
         with h5py.File(path, "r+") as fh:
             tamper(fh, fh[f"checkpoints/{LABEL}"])
         out[f"tampered: {name}"] = (path, message)
+    for i, (name, (tamper, message)) in enumerate(kfac_tampered().items() if ggn_base is not None else ()):
+        path = folder / f"tampered-kfac-{i}.h5"
+        path.write_bytes(ggn_base.read_bytes())
+        with h5py.File(path, "r+") as fh:
+            tamper(fh, fh[f"checkpoints/{KFAC_LABEL}"])
+        out[f"tampered: {name}"] = (path, message)
     return out
 
 
 def store_cases(tmp: Path) -> list[HostileCase]:
     """Each variant through info, render, audit and analyse -o VARIANT."""
     ckpt, base = results_file(tmp)
+    ggn_base = ggn_results_file(tmp, ckpt)
     cases = []
-    for name, (path, message) in variants(tmp, base).items():
+    for name, (path, message) in variants(tmp, base, ggn_base).items():
         valid = _validates(path)  # only a bit flip may leave a usable file
         commands = {"info": ["info", path], "render": ["render", path, "--out-dir", tmp / "figures"],
                     "audit": ["audit", path],

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOURS, KFAC_RULES, KINDS
+from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOUR_OF, KFAC_FLAVOURS, KFAC_RULES, KINDS
 from curvscope.measures.interactions import GROUPINGS, PARTS
 
 FORMAT = "curvscope"
@@ -72,6 +72,19 @@ def _steps_complete(data: Mapping[str, Any], attrs: Mapping[str, Mapping[str, An
     missing = sorted(need - have)
     if missing:
         return "steps/kind and steps/grouping lack the step(s) " + ", ".join(f"{k} {g}".strip() for k, g in missing)
+    return None
+
+
+def _kfac_of_its_curvature(data: Mapping[str, Any], attrs: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """interactions/kfac belongs to a GGN or Fisher record, with a flavour that approximates that curvature."""
+    if "interactions/kfac" not in attrs:
+        return None
+    curvature = str(attrs.get("", {}).get("curvature", "hessian"))
+    flavour = str(attrs["interactions/kfac"]["flavour"])
+    if curvature not in KFAC_FLAVOUR_OF:
+        return f"group interactions/kfac is in a {curvature} record; K-FAC approximates the GGN or the Fisher only"
+    if flavour not in (KFAC_FLAVOUR_OF[curvature], "mc"):
+        return f"interactions/kfac has flavour {flavour!r}, which does not approximate the record's {curvature}"
     return None
 
 
@@ -196,6 +209,7 @@ CHECKPOINT = Group(
         "spectrum": SPECTRUM,
     },
     dims={"S": 1},
+    rules=(_kfac_of_its_curvature,),
 )
 
 RESULTS = Group(
