@@ -21,6 +21,8 @@ backward pass per sample. Then
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -820,3 +822,42 @@ def test_curvlinops_mse_conventions() -> None:
         K = dense_kfac(engine(model, "mse", x, y, curvature, sizes=[4, 3]), [p for p in model.parameters()])
         theirs = _curvlinops_dense(model, nn.MSELoss(), data, fisher_type, "expand")
         assert_relative(theirs, factor * K, 1e-10, fisher_type)
+
+
+class _Doubled(torch.autograd.Function):
+    """x ↦ 2x with a hand-written backward and no batching rule: type-2's vmapped backward pass cannot run
+    through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.from_numpy(2 * g.detach().numpy())  # numpy: vmap cannot batch it
+
+
+class DoubledNet(nn.Module):
+    """Linear → a custom autograd Function → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(_Doubled.apply(self.fc1(x))))
+
+
+def test_type2_without_batching_rule_backpropagates_vector_by_vector() -> None:
+    """A backward formula without a batching rule makes the vmapped pass fail; one pass per output vector gives
+    the dense reference's B (checked here against the same model written with 2 * x)."""
+    torch.manual_seed(0)
+    custom = DoubledNet().double()
+    plain = copy.deepcopy(custom)
+    plain.forward = lambda x: plain.fc2(torch.tanh(2 * plain.fc1(x)))  # type: ignore[method-assign]
+    x = torch.randn(N, 4, dtype=torch.float64)
+    y = targets("cross_entropy")
+    a, b = engine(custom, "cross_entropy", x, y, "ggn"), engine(plain, "cross_entropy", x, y, "ggn")
+    for la, lb in zip(a.layers, b.layers):
+        assert_relative(la.B[0], lb.B[0], 1e-12, la.layer)
+        assert_relative(la.A[0], lb.A[0], 1e-12, la.layer)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -247,7 +247,7 @@ def _outputs(m: nn.Module, g: torch.Tensor, groups: int, reduce: bool) -> torch.
     return g.sum(2, keepdim=True) if reduce else g
 
 
-BackwardVectors = list[tuple[torch.Tensor, torch.Tensor, float]]  # (what to backpropagate, its grad_outputs, weight)
+BackwardVectors = list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]  # see _backward_vectors
 
 
 def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: str = "expand", mc_samples: int = 1,
@@ -291,8 +291,7 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
         def hook(lay: KroneckerLayer) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
             def record(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
                 a = _inputs(m, args[0].detach(), lay, reduce)
-                calls[lay.layer].append(None if a is None else torch.einsum("gnri,gnrj->gij", a.to(torch.float64),
-                                                                            a.to(torch.float64)))
+                calls[lay.layer].append(None if a is None else _second_moment(a.flatten(1, 2)))
                 if a is not None:
                     positions[lay.layer] = positions.get(lay.layer, 0) + a.shape[1] * a.shape[2]
                 outputs[lay.layer] = out
@@ -321,14 +320,14 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
                 continue
             sums_a[lay.layer] = [s + c for s, c in zip(sums_a[lay.layer], acc)] if lay.layer in sums_a else list(acc)
             live.append(lay)
-        for root, grad_out, weight in _backward_vectors(op, flavour, b, z, obj.place(y), mc_samples, generator):
-            grads = differentiate(root, [outputs[lay.layer] for lay in live], grad_outputs=grad_out,
-                                  retain_graph=True, allow_unused=True)
+        for root, vectors, weights in _backward_vectors(op, flavour, b, z, obj.place(y), mc_samples, generator):
+            grads = _backpropagate(root, vectors, [outputs[lay.layer] for lay in live])
             for lay, g in zip(live, grads):
                 if g is None:
                     continue
-                g64 = _outputs(modules[lay.layer], g, lay.groups, reduce).to(torch.float64)
-                acc = weight * torch.einsum("gnri,gnrj->gij", g64, g64)
+                g = _outputs(modules[lay.layer], g.flatten(0, 1), lay.groups, reduce)  # (G, K·n, R, d)
+                w = weights.reshape(-1, 1).expand(-1, g.shape[2]).reshape(-1).to(g.dtype)
+                acc = _second_moment(g.flatten(1, 2), w)
                 sums_b[lay.layer] = ([s + c for s, c in zip(sums_b[lay.layer], acc)] if lay.layer in sums_b
                                      else list(acc))
         progress("k-fac", b + 1, len(obj.batches))
@@ -347,19 +346,50 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
                 mc_samples if flavour == "mc" else 1, seed, n, time.perf_counter() - start)
 
 
+def _second_moment(v: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_r w_r v_r v_rᵀ per group, float64 (G, d, d), for rows v (G, m, d) with weights w (m,) (1 when None).
+
+    Each batch's product is formed in the model's dtype, as its forward and backward passes are, and the
+    batches are summed in float64.
+    """
+    left = v if weights is None else v * weights[None, :, None]
+    return torch.bmm(left.transpose(1, 2), v).to(torch.float64)
+
+
+def _backpropagate(root: torch.Tensor, vectors: torch.Tensor | None, outputs: list[torch.Tensor]
+                   ) -> list[torch.Tensor | None]:
+    """J_sᵀ v at each layer output s for K vectors v of `root`'s space (K × its shape; None: `root` is a scalar,
+    K = 1), each result K × the output's shape: one vmapped backward pass, or one per vector where an
+    operation has no batching rule."""
+    if vectors is None:
+        grads = differentiate(root, outputs, retain_graph=True, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    if vectors.shape[0] > 1:
+        try:
+            return list(torch.autograd.grad(root, outputs, grad_outputs=vectors, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True))
+        except RuntimeError:  # no batching rule for some backward formula: one pass per vector below
+            pass
+    rows = [differentiate(root, outputs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in vectors]
+    return [None if rows[0][i] is None else torch.stack([cast(torch.Tensor, r[i]) for r in rows])
+            for i in range(len(outputs))]
+
+
 def _backward_vectors(op: CurvatureOperator, flavour: str, b: int, z: torch.Tensor, y: torch.Tensor,
                       mc_samples: int, generator: torch.Generator) -> BackwardVectors:
-    """What to backpropagate from the outputs z of batch b, with the weight of each outer product."""
+    """What to backpropagate from the outputs z of batch b: (root, its K vectors or None for a scalar root,
+    the K × n weights σ of each sample's outer products)."""
     n = z.shape[0]
+    ones = torch.ones(1, n, dtype=torch.float64, device=z.device)
     if flavour == "empirical":
         losses = op.per_sample_losses(z, y)  # type: ignore[attr-defined]
-        return [(losses.sum(), torch.ones((), dtype=z.dtype, device=z.device), 1.0)]
+        return [(losses.sum(), None, ones)]
     if flavour == "mc":
         # A sample's loss averages T label positions (class scores (n, C, T…)): its sampled gradients' outer
         # products average to 1/T of its output Hessian, hence the weight T (mse's noise already accounts for it).
         terms = z[0].numel() // z.shape[1] if op.obj.loss_fn is not LOSSES["mse"] and z.dim() > 2 else 1
-        return [(n * op.obj.loss_fn(z, _sample(op, z, y, generator)),
-                 torch.ones((), dtype=z.dtype, device=z.device), terms / mc_samples) for _ in range(mc_samples)]
+        return [(n * op.obj.loss_fn(z, _sample(op, z, y, generator)), None, ones * terms / mc_samples)
+                for _ in range(mc_samples)]
     state = op.output_state(b, z.detach())  # type: ignore[attr-defined]
     if state is None:  # Λ = 0
         return []
@@ -374,17 +404,9 @@ def _backward_vectors(op: CurvatureOperator, flavour: str, b: int, z: torch.Tens
     lam = n * cols.reshape(C, n, C).permute(1, 2, 0).to(torch.float64)  # Λ_n[i, c] = n_b (Λ_b e_c)[n, i]
     values, vectors = torch.linalg.eigh(0.5 * (lam + lam.transpose(1, 2)))
     tiny = 1e-13 * float(values.abs().max()) if values.numel() else 0.0
-    out = []
-    for c in range(C):
-        lam_c = values[:, c]
-        if not bool((lam_c.abs() > tiny).any()):
-            continue
-        v = (vectors[:, :, c] * lam_c.abs().sqrt()[:, None]).to(z.dtype).reshape(z.shape)
-        for sign in (1.0, -1.0):
-            chosen = (torch.sign(lam_c) == sign).to(z.dtype).reshape((n,) + (1,) * (z.dim() - 1))
-            if bool(chosen.any()):
-                out.append((z, v * chosen, sign))
-    return out
+    keep = (values.abs() > tiny).any(0)  # eigen-directions that carry curvature for some sample (CE: C − 1)
+    v = (vectors * values.abs().sqrt()[:, None, :])[:, :, keep]  # (n, C, K): column c is √|λ_c| e_c
+    return [(z, v.permute(2, 0, 1).to(z.dtype).reshape((-1,) + tuple(z.shape)), torch.sign(values[:, keep]).T)]
 
 
 def _sample(op: CurvatureOperator, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
