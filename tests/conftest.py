@@ -56,6 +56,18 @@ class PoolNet(nn.Module):
         return F.log_softmax(self.fc(self.pool(self.act(self.conv(x))).flatten(1)), dim=1)
 
 
+class TwoHeads(nn.Module):
+    """Two independent linear heads concatenated: linear in its parameters (G = H under MSE; K-FAC is exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
 class AttentionNet(nn.Module):
     """Self-attention (nn.MultiheadAttention, need_weights=False: a fused kernel) → mean over tokens → Linear."""
 

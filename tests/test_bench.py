@@ -1,5 +1,5 @@
 """The benchmark's helpers: tools take turns and each keeps its fastest result; peers free their copies; the
-curvatures suite's rows and its peak-memory measure."""
+curvatures and K-FAC suites' rows and their peak-memory measure."""
 from __future__ import annotations
 
 import gc
@@ -19,7 +19,15 @@ from curvscope.sources.zoo import MLP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import peers  # noqa: E402
-from bench import curvature_rows, curvatures_markdown, interleaved, peak_rss  # noqa: E402
+from bench import (  # noqa: E402
+    curvature_rows,
+    curvatures_markdown,
+    interleaved,
+    kfac_markdown,
+    kfac_references,
+    kfac_rows,
+    peak_rss,
+)
 from peers import _timed  # noqa: E402
 
 
@@ -132,3 +140,58 @@ def test_peak_rss_sees_an_allocation() -> None:
         pytest.skip("needs Linux's /proc/self/clear_refs")
     mem = peak_rss(lambda: np.ones(64 * 2**20 // 8).sum())
     assert mem["peak_rss_rise_mib"] > 48 and mem["rss_before_mib"] > 0
+
+
+def _tiny_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_kfac_suite_is_exact_where_kfac_is() -> None:
+    """One Linear layer on one sample: K-FAC is exact for the GGN and the empirical Fisher, so the suite's K̄ is C̄
+    and, under Ḡ, both the layer-block step and K-FAC's are Newton's (e = 1)."""
+    torch.manual_seed(0)
+    model = MLP(in_features=6, hidden=(), out_features=3).double().eval()
+    x, y = _tiny_data(1)
+    batches = [(x, y)]
+    rows = kfac_rows("one", model, batches, repeat=1, flavours=["type-2", "empirical"])
+    refs = kfac_references(model, batches, ["ggn", "fisher"])
+    for r in (r for r in rows if r["tool"].startswith("curvscope")):
+        np.testing.assert_allclose(np.array(r["kfac_pseudo_curvature"]), refs[r["curvature"]].cbar, rtol=1e-10,
+                                   atol=1e-14)
+    ggn = next(r for r in rows if r["tool"] == "curvscope K-FAC type-2")
+    assert ggn["e_layer"] == pytest.approx(1.0, abs=1e-10) and ggn["e_kfac"] == pytest.approx(1.0, abs=1e-10)
+
+
+def test_kfac_suite_rows_on_a_tiny_model() -> None:
+    """The K-FAC suite's plumbing on a tiny float64 MLP in three unequal batches: one row per tool and flavour with
+    the expected keys and phases; curvscope's K̄ equal to curvlinops' (where it imports) in every flavour, mc
+    included (both draw the same labels from a generator seeded 0); the step efficiencies the same from either."""
+    torch.manual_seed(0)
+    model = MLP(in_features=6, hidden=(5,), out_features=3).double().eval()
+    x, y = _tiny_data(13)
+    batches = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]
+    flavours = ["type-2", "empirical", "mc"]
+    rows = kfac_rows("mlp", model, batches, repeat=1, flavours=flavours, check_float64=True)
+    tools = [f"curvscope K-FAC {f}" for f in flavours]
+    if peers.curvlinops_available():
+        tools += [f"curvlinops KFAC {f}" for f in flavours]
+    assert [r["tool"] for r in rows] == tools
+    keys = {"model", "samples", "batch_size", "S", "P", "tool", "flavour", "curvature", "seconds", "gradient_s",
+            "factors_s", "projection_s", "ratio_to_curvlinops", "factors_ratio_to_curvlinops", "max_rel_diff",
+            "max_rel_diff_float64", "q_star", "condition_number", "e_layer", "e_kfac", "error", "note",
+            "kfac_pseudo_curvature"}
+    by_tool = {r["tool"]: r for r in rows}
+    for r in rows:
+        assert keys <= set(r) and r["error"] is None
+        assert (r["model"], r["samples"], r["batch_size"], r["S"], r["P"]) == ("mlp", 13, 5, 4, 53)
+        assert r["gradient_s"] + r["factors_s"] + r["projection_s"] <= r["seconds"]
+        assert np.isfinite(r["e_layer"]) and r["e_layer"] <= 1 + 1e-12
+        if r["tool"].startswith("curvscope") and len(tools) == 6:
+            peer = by_tool[f"curvlinops KFAC {r['flavour']}"]
+            assert r["max_rel_diff"] < 1e-12 and r["max_rel_diff_float64"] < 1e-12 and r["ratio_to_curvlinops"] > 0
+            assert r["e_kfac"] == pytest.approx(peer["e_kfac"], abs=1e-10)
+        else:
+            assert r["max_rel_diff"] is None and r["ratio_to_curvlinops"] is None
+    table = kfac_markdown(rows)
+    assert all(f"| {t} |" in table for t in tools)

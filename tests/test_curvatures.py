@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Case, dense, make_case
+from conftest import Case, TwoHeads, dense, make_case
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -62,18 +62,6 @@ class TiedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(torch.tanh(self.enc(x)))
-
-
-class TwoHeads(nn.Module):
-    """Two linear heads concatenated: linear in its parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
-        self.b = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.a(x), self.b(x)], 1)
 
 
 class _NoForwardMode(torch.autograd.Function):

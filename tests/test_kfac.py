@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AttentionNet, TwoHeads
 from torch import nn
 
 from curvscope.curvature.kfac import KFAC, kfac
@@ -78,18 +79,6 @@ class SequenceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x))).mean(1)
-
-
-class TwoHeads(nn.Module):
-    """Two independent linear heads concatenated: linear in its parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 2)
-        self.b = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.a(x), self.b(x)], 1)
 
 
 class NormCNN(nn.Module):
@@ -749,20 +738,6 @@ def test_tied_weight_is_kept_exact() -> None:
                                                          "head.bias"]
     _exact_blocks(model, torch.randn(N, 4, dtype=torch.float64), ["enc.weight", "enc.bias", "dec.bias"],
                   {"head": "linear"})
-
-
-class AttentionNet(nn.Module):
-    """MultiheadAttention → mean over tokens → Linear: attention uses its out_proj Linear's weight without calling
-    the module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.attn(x, x, x, need_weights=False)
-        return self.fc(y.mean(1))
 
 
 def test_linear_never_called_is_kept_exact() -> None:
