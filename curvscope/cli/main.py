@@ -198,6 +198,14 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
             click.echo(f"{label}: {spectrum_summary(record.spectrum, curvature_kind(a['curvature']).short)}")
         if s.excluded.any():
             click.echo(f"{label}: zero gradient, excluded from the inverse: {', '.join(p.names[s.excluded])}")
+        if record.kfac is not None:
+            k, layer = record.kfac, record.interactions.step("hessian", "layer")
+            exact = f"; kept exact (no K-FAC rule): {', '.join(k.exact)}" if k.exact else ""
+            click.echo(f"{label}: K-FAC ({k.flavour}, {k.approximation}) step efficiency "
+                       f"{k.measures.step.efficiency:.4g} (exact layer blocks {layer.efficiency:.4g}), "
+                       f"deviation from {bar} {k.measures.deviation[0]:.3g}, in {k.elapsed_s:.1f} s{exact}")
+        if a.get("kfac_note"):
+            click.echo(f"{label}: {a['kfac_note']}")
         if a["attention"]:
             click.echo(f"{label}: {a['attention']}.")
     if a["determinism_warning"]:

@@ -164,6 +164,10 @@ class Interactions:
     def matrix(self, name: str) -> MatrixInteractions:
         return next(m for m in self.matrices if m.matrix == name)
 
+    def step(self, kind: str, grouping: str = "") -> Step:
+        """The step of this kind ("newton", "cauchy", "hessian", "inverse") and grouping."""
+        return next(st for st in self.steps if st.kind == kind and st.grouping == grouping)
+
 
 def interactions(gbar: np.ndarray, hbar: np.ndarray, stderr: np.ndarray, inverse: np.ndarray,
                  kinds: np.ndarray, layers: np.ndarray, positive_definite: bool) -> Interactions:
