@@ -32,6 +32,20 @@ max |entry|). Peak memory: each tool once more in a fresh process (`--probe`), t
 rise of its peak resident set (VmHWM, reset just before the call) over its resident
 set before the call. Needs the peers: bash scripts/install_bench_peers.sh.
 
+K-FAC suite (issue #15), the curvatures suite's models, data and loss: K̄ = UᵀKU on the canonical partition
+for the flavours type-2 (K of Ḡ), empirical (K of F̄) and mc (K of Ḡ, one label drawn per sample, seed 0), by
+curvscope (`curvature_operator`, `full_gradient`, `kfac`, `KFAC.projection`) and by curvlinops'
+KFACLinearOperator (kfac_approx "expand", separate_weight_and_bias=False: the bias in A, as curvscope has it;
+gradient_and_loss(), compute_kronecker_factors(), then U_colsᵀ(K @ U_cols)), all taking turns in every round
+after a one-batch warm-up. Each run is timed in three phases: the gradient pass (with the operator's set-up),
+the factor pass, and K̄'s projection; "total" is all of it, as in the curvatures suite. K̄ is compared with
+curvlinops' (max |difference| over max |curvscope's entry|; --check-float64: again with everything in
+float64), and peak memory is probed as in the curvatures suite. From curvscope's ḡ and C̄ (Ḡ or F̄, untimed),
+the step efficiencies e = q(η)/q* of the layer-block step (B_layer C̄)⁻¹ḡ and of K-FAC's K̄⁺ḡ, with
+q(η) = ḡᵀη − ½ηᵀC̄η and q* = q(C̄⁻¹ḡ).
+
+    python scripts/bench.py --suites kfac --check-float64 --repeat 3 --models lenet5
+
 Timings are the best of --repeat runs: the pseudo-Hessian suite's after one
 warm-up batch; the spectrum suite's tools take turns in every round, so that a
 slow spell of a shared machine hits them alike. torch uses --threads threads
@@ -350,32 +364,48 @@ def _probe(name: str, tool: str) -> None:
     import curvscope.curvature.fisher  # noqa: F401
     import curvscope.curvature.ggn  # noqa: F401
     import curvscope.curvature.hessian  # noqa: F401
+    import curvscope.curvature.kfac  # noqa: F401
     import curvscope.curvature.registry  # noqa: F401
 
     model, batches = curvature_setup(name)
-    run = curvature_tools(model, batches)[tool][1]  # imports curvlinops where it is installed
+    tools = curvature_tools(model, batches)  # imports curvlinops where it is installed
+    if tool not in tools:  # the K-FAC suite's (curvlinops' model copy made here, before the baseline)
+        tools = kfac_tools(model, batches, [next(f for f in KFAC_FLAVOURS if tool.endswith(" " + f))])
+    run = tools[tool][1]
     peers.load_jvp_decompositions()
     print(json.dumps(peak_rss(run)))
+
+
+def peer_cells(r: dict) -> tuple[str, str, str]:
+    """A row's ratio to curvlinops, its agreement with curvlinops (and in float64) and its peak memory, as cells."""
+    ratio = "" if r["ratio_to_curvlinops"] is None else f"**{r['ratio_to_curvlinops']:.2f}x**"
+    diff = "" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
+    if r.get("max_rel_diff_float64") is not None:
+        diff += f" (float64: {r['max_rel_diff_float64']:.1e})"
+    mem = f"{r['peak_rss_rise_mib']:.0f} MiB" if np.isfinite(r.get("peak_rss_rise_mib", np.nan)) else "n/a"
+    return ratio, diff, mem
+
+
+def run_footer(rows: list[dict]) -> list[str]:
+    """One line per model: how many interleaved rounds, when and on what machine."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        r = next(q for q in rows if q["model"] == name)
+        if "date" in r:
+            lines.append(f"- {name}: best of {r['repeat']} interleaved round(s), {r['date']}, {r['machine']}.")
+    return lines
 
 
 def curvatures_markdown(rows: list[dict]) -> str:
     lines = ["| model | N | B | S | tool | time | / curvscope H̄ | / curvlinops | max rel. diff vs curvlinops | "
              "peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = "" if r["ratio_to_curvlinops"] is None else f"**{r['ratio_to_curvlinops']:.2f}x**"
-        diff = "" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
-        if r.get("max_rel_diff_float64") is not None:
-            diff += f" (float64: {r['max_rel_diff_float64']:.1e})"
-        mem = f"{r['peak_rss_rise_mib']:.0f} MiB" if np.isfinite(r.get("peak_rss_rise_mib", np.nan)) else "n/a"
+        ratio, diff, mem = peer_cells(r)
         time_s = "failed" if r["error"] else f"{r['seconds']:.2f} s"
         lines.append(f"| {r['model']} | {r['samples']} | {r['batch_size']} | {r['S']} | {r['tool']} | {time_s} | "
                      f"{r['ratio_to_hbar']:.2f}x | {ratio} | {diff} | {mem} |")
     lines += ["", "Targets (issue #14):", "", *curvature_targets(rows), ""]
-    for name in dict.fromkeys(r["model"] for r in rows):
-        r = next(q for q in rows if q["model"] == name)
-        if "date" in r:
-            lines.append(f"- {name}: best of {r['repeat']} interleaved round(s), {r['date']}, {r['machine']}.")
-    return "\n".join(lines)
+    return "\n".join(lines + run_footer(rows))
 
 
 def curvature_targets(rows: list[dict]) -> list[str]:
@@ -397,6 +427,259 @@ def curvature_targets(rows: list[dict]) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- K-FAC suite
+
+#: flavour -> the curvature it approximates (the operator curvscope builds its factors on; mc samples the GGN's
+#: Fisher form, so it is measured against Ḡ)
+KFAC_FLAVOURS = {"type-2": "ggn", "empirical": "fisher", "mc": "ggn"}
+KFAC_PHASES = ("gradient", "factors", "projection")
+
+
+def _phased(body: Callable[[Callable[[str], None]], tuple[np.ndarray, str]], catch: bool
+            ) -> Callable[[], SimpleNamespace]:
+    """A run of `body(mark)`, which calls `mark(phase)` at the end of each phase and returns (K̄, note): `.seconds`
+    (all of it), `.phases` (seconds per phase), `.values`, `.error` (a peer's exception in one line, when `catch`)
+    and `.note`."""
+    def run() -> SimpleNamespace:
+        phases: dict[str, float] = {}
+        start = last = time.perf_counter()
+
+        def mark(phase: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            phases[phase], last = now - last, now
+
+        try:
+            (values, note), error = body(mark), None
+        except Exception as exc:  # noqa: BLE001 - peers fail in many ways; report, don't raise
+            if not catch:
+                raise
+            import peers
+
+            values, note, error = None, "failed", peers._one_line(exc)
+        return SimpleNamespace(seconds=time.perf_counter() - start, phases=phases, values=values, error=error,
+                               note=note)
+    return run
+
+
+def curvscope_kfac(model: torch.nn.Module, batches: list, flavour: str) -> Callable[[], SimpleNamespace]:
+    """curvscope's K̄ of `flavour` (see `_phased`): the operator of the curvature the flavour approximates, the
+    gradient pass, the factors (`kfac`), then K̄ (`KFAC.projection` on the canonical partition). C̄, which K̄ needs
+    only for tensors without a K-FAC rule, is computed (in the K̄ phase) only when there are some."""
+    from curvscope.curvature.kfac import kfac
+    from curvscope.curvature.operator import full_gradient
+    from curvscope.curvature.partition import make_partition
+    from curvscope.curvature.registry import curvature_operator
+
+    loss_fn = build_loss("cross_entropy")
+
+    def body(mark: Callable[[str], None]) -> tuple[np.ndarray, str]:
+        with curvature_operator(model, loss_fn, batches, KFAC_FLAVOURS[flavour]) as op:
+            gradient = full_gradient(op.obj, op.params)
+            mark("gradient")
+            factors = kfac(op, flavour, approximation="expand", mc_samples=1, seed=0)
+            mark("factors")
+            part = make_partition(op.obj.model)
+            exact = (op.projection(part, gradient=gradient).pseudo_hessian if factors.exact
+                     else np.zeros((part.size, part.size)))
+            kbar, _ = factors.projection(part, gradient[0], exact)
+            mark("projection")
+        return kbar, (f"kfac(op, {flavour!r}) on the {KFAC_FLAVOURS[flavour]} operator, then "
+                      f"KFAC.projection; gradient pass included" + (f"; C̄ for {len(factors.exact)} exact tensors"
+                                                                    if factors.exact else ""))
+    return _phased(body, catch=False)
+
+
+def curvlinops_kfac(model: torch.nn.Module, batches: list, flavour: str, seed: int = 0
+                    ) -> Callable[[], SimpleNamespace]:
+    """curvlinops' K̄ of `flavour` (see `_phased`) on a copy of the model made now, outside the run:
+    `KFACLinearOperator(fisher_type=flavour, kfac_approx="expand", separate_weight_and_bias=False)` with
+    `CrossEntropyLoss(reduction="mean")` (our loss is cross_entropy on log-softmax outputs, the same value, and the
+    same K-FAC: log-softmax's Jacobian drops out of the softmax's output Hessian, and the gradients are equal),
+    `num_data`, `num_per_example_loss_terms=1` and `check_deterministic=False` given so that the constructor makes
+    no pass over the data; `gradient_and_loss()`; `compute_kronecker_factors()`; then U_cols (P x S), `K @ U_cols`
+    and U_colsᵀ (K @ U_cols) in float64 from the model-dtype product, as in the curvatures suite.
+    `separate_weight_and_bias=False` puts the bias in A as curvscope does (A_l of [ã; 1]); curvlinops' default
+    (True) gives the bias its own 1 ⊗ B_l block, dropping the weight-bias entries of K̄."""
+    import curvlinops
+    import peers
+
+    peers.load_jvp_decompositions()
+    net = peers._fresh(model)
+    params = [p for p in net.parameters() if p.requires_grad]
+    n = sum(len(y) for _, y in batches)
+
+    def body(mark: Callable[[str], None]) -> tuple[np.ndarray, str]:
+        op = curvlinops.KFACLinearOperator(net, torch.nn.CrossEntropyLoss(reduction="mean"), params, batches,
+                                           check_deterministic=False, seed=seed, fisher_type=flavour, mc_samples=1,
+                                           kfac_approx="expand", num_per_example_loss_terms=1,
+                                           separate_weight_and_bias=False, num_data=n)
+        grad, _loss = op.gradient_and_loss()
+        mark("gradient")
+        op.compute_kronecker_factors()
+        mark("factors")
+        offsets = np.cumsum([0, *(p.numel() for p in params)])
+        u_cols = torch.zeros(offsets[-1], len(params), dtype=grad[0].dtype)
+        for s, g in enumerate(grad):
+            u_cols[offsets[s]:offsets[s + 1], s] = g.reshape(-1)
+        ku = op @ u_cols
+        kbar = torch.stack([g.reshape(-1).double() @ ku[offsets[t]:offsets[t + 1]].double()
+                            for t, g in enumerate(grad)]).numpy()
+        mark("projection")
+        return 0.5 * (kbar + kbar.T), (f"KFACLinearOperator({flavour}, expand, joint weight and bias) @ U_cols "
+                                       f"({offsets[-1]} x {len(params)}, {u_cols.dtype}), gradient_and_loss() "
+                                       f"included")
+
+    run = _phased(body, catch=True)
+
+    def run_and_clean() -> SimpleNamespace:
+        out = run()
+        peers._drop_grads(net)
+        return out
+    return run_and_clean
+
+
+def kfac_tools(model: torch.nn.Module, batches: list, flavours: list[str]
+               ) -> dict[str, tuple[str, Callable[[], SimpleNamespace]]]:
+    """tool -> (flavour, run) for curvscope's K-FAC and, where it imports, curvlinops', per flavour."""
+    import peers
+
+    tools = {f"curvscope K-FAC {f}": (f, curvscope_kfac(model, batches, f)) for f in flavours}
+    if peers.curvlinops_available():
+        tools.update({f"curvlinops KFAC {f}": (f, curvlinops_kfac(model, batches, f)) for f in flavours})
+    return tools
+
+
+def step_efficiency(gbar: np.ndarray, cbar: np.ndarray, layers: np.ndarray, kbar: np.ndarray | None) -> dict:
+    """q* = q(η*), C̄'s condition number and the efficiencies e = q(η)/q* of the layer-block step
+    η_layer = (B_layer C̄)⁻¹ ḡ and of K-FAC's η_K = K̄⁺ ḡ, under q(η) = ḡᵀη − ½ ηᵀC̄η and η* = C̄⁻¹ḡ (pseudo-inverses:
+    a zero-gradient group makes C̄ singular). The efficiencies are NaN unless C̄ is positive definite (q* is then
+    not the maximum)."""
+    def q(eta: np.ndarray) -> float:
+        return float(gbar @ eta - 0.5 * eta @ cbar @ eta)
+
+    q_star = q(np.linalg.pinv(cbar, hermitian=True) @ gbar)
+    lam = np.linalg.eigvalsh(cbar)
+    ok = bool(lam.min() > 0 and q_star > 0)
+    same = layers[:, None] == layers[None, :]
+    e_layer = q(np.linalg.pinv(np.where(same, cbar, 0.0), hermitian=True) @ gbar) / q_star if ok else float("nan")
+    e_kfac = (q(np.linalg.pinv(kbar, hermitian=True) @ gbar) / q_star if ok and kbar is not None
+              and np.isfinite(kbar).all() else float("nan"))
+    return {"q_star": q_star, "condition_number": float(lam.max() / lam.min()) if ok else float("inf"),
+            "e_layer": e_layer, "e_kfac": e_kfac}
+
+
+def kfac_references(model: torch.nn.Module, batches: list, curvatures: list[str]) -> dict[str, SimpleNamespace]:
+    """Untimed, per curvature: ḡ, C̄ (curvscope's, canonical partition) and each group's layer."""
+    from curvscope.curvature.partition import make_partition
+    from curvscope.curvature.registry import curvature_operator
+
+    out = {}
+    for c in curvatures:
+        with curvature_operator(model, build_loss("cross_entropy"), batches, c) as op:
+            part = make_partition(op.obj.model)
+            res = op.projection(part)
+        out[c] = SimpleNamespace(gbar=res.pseudo_gradient, cbar=res.pseudo_hessian, layers=np.asarray(part.layers))
+    return out
+
+
+def kfac_float64_agreement(model: torch.nn.Module, batches: list, flavours: list[str]) -> dict[str, float]:
+    """Untimed: max |K̄_curvscope − K̄_curvlinops| / max |K̄_curvscope| with everything in float64, per flavour."""
+    import peers
+
+    model64 = peers._fresh(model, torch.float64)
+    batches64 = [(x.double(), y) for x, y in batches]
+    out = {}
+    for f in flavours:
+        ours = curvscope_kfac(model64, batches64, f)().values
+        peer = curvlinops_kfac(model64, batches64, f)()
+        out[f] = _max_rel_diff(peer.values, ours) if peer.error is None else float("nan")
+    return out
+
+
+def kfac_rows(name: str, model: torch.nn.Module, batches: list, repeat: int, flavours: list[str],
+              memory: Callable[[str], dict] | None = None, check_float64: bool = False) -> list[dict]:
+    """One row per tool and flavour: its best total time of `repeat` interleaved rounds (after a one-batch warm-up)
+    and that run's phases, the ratio to curvlinops' for the same flavour, K̄'s max relative difference from
+    curvlinops' (max |difference| / max |curvscope's entry|), the step efficiencies from its K̄ and curvscope's ḡ
+    and C̄, and `memory(tool)`'s peak memory where given."""
+    for _, run in kfac_tools(model, batches[:1], flavours).values():  # warm-up
+        run()
+    tools = kfac_tools(model, batches, flavours)
+    best = interleaved({tool: run for tool, (_, run) in tools.items()}, repeat)
+    peer_of = {f: f"curvlinops KFAC {f}" for f in flavours}
+    ref64 = kfac_float64_agreement(model, batches, flavours) if check_float64 and peer_of[flavours[0]] in best else {}
+    refs = kfac_references(model, batches, list(dict.fromkeys(KFAC_FLAVOURS[f] for f in flavours)))
+    rows = []
+    for tool, out in best.items():
+        flavour = tools[tool][0]
+        curvature = KFAC_FLAVOURS[flavour]
+        peer = best.get(peer_of[flavour])
+        ours = tool.startswith("curvscope") and peer is not None and peer.error is None
+        ref = refs[curvature]
+        rows.append({
+            "model": name, "samples": sum(len(y) for _, y in batches), "batch_size": len(batches[0][1]),
+            "S": len(trainable(model)), "P": sum(p.numel() for _, p in trainable(model)), "tool": tool,
+            "flavour": flavour, "curvature": curvature, "seconds": out.seconds,
+            **{f"{phase}_s": out.phases.get(phase, float("nan")) for phase in KFAC_PHASES},
+            "ratio_to_curvlinops": out.seconds / peer.seconds if ours else None,
+            "factors_ratio_to_curvlinops": out.phases["factors"] / peer.phases["factors"] if ours else None,
+            "max_rel_diff": _max_rel_diff(peer.values, out.values) if ours else None,
+            "max_rel_diff_float64": ref64.get(flavour) if ours else None,
+            **step_efficiency(ref.gbar, ref.cbar, ref.layers, None if out.values is None else np.asarray(out.values)),
+            **(memory(tool) if memory else {}),
+            "error": out.error, "note": out.note,
+            "kfac_pseudo_curvature": None if out.values is None else np.asarray(out.values).tolist()})
+    return rows
+
+
+def bench_kfac(name: str, repeat: int, flavours: list[str], memory: bool = True, check_float64: bool = False
+               ) -> list[dict]:
+    model, batches = curvature_setup(name)
+    probe = (lambda tool: probe_memory(name, tool)) if memory else None
+    return kfac_rows(name, model, batches, repeat, flavours, probe, check_float64)
+
+
+def kfac_markdown(rows: list[dict]) -> str:
+    lines = ["| model | N | B | S | flavour | tool | gradient pass | factors | K̄ projection | total | / curvlinops | "
+             "max rel. diff vs curvlinops | peak memory |", "|" + "---|" * 13]
+    for r in rows:
+        ratio, diff, mem = peer_cells(r)
+        keys = [f"{p}_s" for p in KFAC_PHASES] + ["seconds"]
+        phases = ["failed" if r["error"] else f"{r[key]:.2f} s" for key in keys]
+        lines.append(f"| {r['model']} | {r['samples']} | {r['batch_size']} | {r['S']} | {r['flavour']} | {r['tool']} | "
+                     + " | ".join(phases) + f" | {ratio} | {diff} | {mem} |")
+    lines += ["", "Step efficiency along U (e = q(η)/q*, q(η) = ḡᵀη − ½ηᵀC̄η, q* = q(C̄⁻¹ḡ); e_layer: the "
+              "layer-block-diagonal C̄'s step, e_K-FAC: K̄⁺ḡ):", "",
+              "| model | flavour | C̄ | cond(C̄) | q* | e_layer | e_K-FAC (curvscope) | e_K-FAC (curvlinops) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for flavour in dict.fromkeys(r["flavour"] for r in rows if r["model"] == name):
+            got = {r["tool"].split()[0]: r for r in rows if r["model"] == name and r["flavour"] == flavour}
+            first = next(iter(got.values()))
+            e = [f"{got[t]['e_kfac']:.4g}" if t in got else "" for t in ("curvscope", "curvlinops")]
+            lines.append(f"| {name} | {flavour} | {CURVATURES[first['curvature']]} | "
+                         f"{first.get('condition_number', np.nan):.1e} | {first['q_star']:.4g} | "
+                         f"{first['e_layer']:.4g} | {e[0]} | {e[1]} |")
+    lines += ["", "Notes:", "", *kfac_notes(rows), ""]
+    return "\n".join(lines + run_footer(rows))
+
+
+def kfac_notes(rows: list[dict]) -> list[str]:
+    """curvscope / curvlinops per flavour, for the total and for the factor pass alone (no target)."""
+    out = []
+    for r in rows:
+        if r["ratio_to_curvlinops"] is not None:
+            out.append(f"- {r['model']}, {r['flavour']}: curvscope / curvlinops = {r['ratio_to_curvlinops']:.2f} in "
+                       f"total, {r['factors_ratio_to_curvlinops']:.2f} for the factor pass alone (no target)")
+    if any(r["flavour"] == "mc" for r in rows):
+        out.append("- mc: both tools draw their labels by torch.multinomial from a generator seeded 0, batch by batch, "
+                   "so they draw the same labels and their K̄ agree like the other flavours'")
+    out.append("- curvlinops runs with separate_weight_and_bias=False (curvscope's joint [W | b] factors); with its "
+               "default (True) the weight-bias entries of K̄ are 0")
+    return out
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -411,12 +694,16 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["auto", "batched"],
                         choices=["auto", "triangular", "batched"])
     parser.add_argument("--suites", nargs="+", default=["pseudo-hessian", "spectrum"],
-                        choices=["pseudo-hessian", "spectrum", "curvatures"])
+                        choices=["pseudo-hessian", "spectrum", "curvatures", "kfac"])
+    parser.add_argument("--flavours", nargs="+", default=list(KFAC_FLAVOURS), choices=list(KFAC_FLAVOURS),
+                        help="K-FAC suite: the flavours to run")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of other models already in the suite's JSON file (and its table)")
-    parser.add_argument("--no-memory", action="store_true", help="curvatures suite: skip the peak-memory probes")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="curvatures and K-FAC suites: skip the peak-memory probes")
     parser.add_argument("--check-float64", action="store_true",
-                        help="curvatures suite: also compare Ḡ and F̄ with curvlinops' in float64 (untimed)")
+                        help="curvatures and K-FAC suites: also compare Ḡ and F̄ (K̄ of type-2 and empirical) with "
+                             "curvlinops' in float64 (untimed)")
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -436,7 +723,9 @@ def main() -> None:
                                  lambda rows: markdown(rows, args.strategies)),
               "spectrum": ("spectrum", lambda m: bench_spectrum(m, args.repeat), spectrum_markdown),
               "curvatures": ("curvatures", lambda m: bench_curvatures(m, args.repeat, not args.no_memory,
-                                                                      args.check_float64), curvatures_markdown)}
+                                                                      args.check_float64), curvatures_markdown),
+              "kfac": ("kfac", lambda m: bench_kfac(m, args.repeat, args.flavours, not args.no_memory,
+                                                    args.check_float64), kfac_markdown)}
     for suite in args.suites:
         stem, run, table_of = suites[suite]
         rows = []
