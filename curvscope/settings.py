@@ -73,8 +73,17 @@ class AnalysisOptions:
     trust_checkpoint: bool = setting(False, "Trust the checkpoint: allow unpickling a whole nn.Module or a .pt2's "
                                             "pickled members and plug-in names recorded in the file, all of which "
                                             "run code from it. Only for files you made.", "flag")
+    output_key: str | None = setting(None, "Which entry of the model's output holds the predictions when the model "
+                                           "returns a dict, a Hugging Face ModelOutput or a tuple: a key, or an index "
+                                           "[default: 'logits' when present, else the first tensor].")
+    batchnorm: str = setting("eval", "BatchNorm statistics: eval (the running ones) or batch (each batch's own; the "
+                                     "running ones are left untouched).", "choice", choices=("eval", "batch"))
     spectrum: bool = setting(True, "Eigenvalues (Lanczos), trace (Hutch++) and density (SLQ) of the curvature, "
                                    "whole model and per block.", "toggle")
+    block_spectra: str = setting("layer", "Spectra of the diagonal blocks: layer (top eigenvalues of each layer; "
+                                          "traces of every tensor and layer from the whole model's probes), tensor "
+                                          "(top eigenvalues of each tensor as well), or off.", "choice",
+                                 choices=("layer", "tensor", "off"))
     top_k: int = setting(5, "Eigenvalues at each end of the spectrum (top only for blocks).", "count", low=1)
     lanczos_steps: int = setting(DEFAULT_STEPS, "Most Lanczos steps per run (runs stop earlier once residuals are "
                                                 "small); also the SLQ steps.", "count", low=1)
