@@ -184,6 +184,19 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
             click.echo(f"figures: {', '.join(str(p) for p in figures)}")
 
 
+def _timings(record: "AnalysisRecord") -> str:
+    """Where the time of one record went: the gradient pass (one, shared by the curvatures),
+    C̄, K-FAC, the spectra, and the whole record."""
+    a, bar = record.attrs, curvature_kind(record.attrs["curvature"]).bar
+    parts = [f"gradient {a['gradient_s']:.1f} s"] if a["gradient_s"] else []
+    parts.append(f"{bar} {a['pseudo_s']:.1f} s")
+    if record.kfac is not None:
+        parts.append(f"K-FAC {record.kfac.elapsed_s:.1f} s")
+    if record.spectrum is not None:
+        parts.append(f"spectra {record.spectrum.elapsed_s:.1f} s")
+    return ", ".join(parts) + f"; {a['elapsed_s']:.1f} s in all"
+
+
 def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
     """What `analyse` prints of one stored record (warnings even when quiet)."""
     label, a = record.label, record.attrs
@@ -192,8 +205,7 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
         click.echo(f"{label}: loss {p.loss:.4f} over N={p.n_samples}, S={len(p.names)} groups, "
                    f"{bar} {'positive definite' if s.positive_definite else 'indefinite'}, "
                    f"condition number {s.condition_number:.3g} ({s.method}), predicted decrease "
-                   f"{s.predicted_decrease:.4g}; {bar} in {a['pseudo_s']:.1f} s, {a['elapsed_s']:.1f} s in all "
-                   f"-> {output}")
+                   f"{s.predicted_decrease:.4g}; {_timings(record)} -> {output}")
         if record.spectrum is not None:
             click.echo(f"{label}: {spectrum_summary(record.spectrum, curvature_kind(a['curvature']).short)}")
         if s.excluded.any():

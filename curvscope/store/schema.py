@@ -189,7 +189,7 @@ CHECKPOINT = Group(
             "created", "subset", "frozen", "determinism_warning", "attention", "kfac_note")},
         "curvature": Attr(STR, required=False, choices=tuple(KINDS)),  # absent in older files: the Hessian
         **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed")},
-        **{name: Attr(FLOAT, required=False) for name in ("loss_value", "pseudo_s", "elapsed_s")},
+        **{name: Attr(FLOAT, required=False) for name in ("loss_value", "gradient_s", "pseudo_s", "elapsed_s")},
     },
     members={
         "pseudo_gradient": Data(FLOAT, ("S",)),
