@@ -46,6 +46,26 @@ q(η) = ḡᵀη − ½ηᵀC̄η and q* = q(C̄⁻¹ḡ).
 
     python scripts/bench.py --suites kfac --check-float64 --repeat 3 --models lenet5
 
+Models suite (issue #16), each model in a fresh process (so that the peak resident set, VmHWM, is its own):
+  - resnet18 (ResNet-18 with torchvision's 7x7 stem and max pooling, width 64, S = 62, P = 11.2 M; synthetic 3x32x32
+    inputs, BatchNorm statistics calibrated on them) and gpt2 (2 layers, width 128, vocab 512, T = 64, S = 28, P =
+    0.47 M; uniform random tokens from the data plug-in bench:token_data), N = 64 in batches of 32: the default
+    `curvscope analyse` (analyse_checkpoint on a bundle, the data named as with --data), timed in total and split
+    into the gradient pass, H̄, the spectra and the rest, with the spectra's Hessian-vector products and the peak
+    resident set;
+  - gpt2-1e8 (GPT-2 small's widths and vocabulary, 9 layers: P = 103.2 M; N = 8 sequences of T = 64 tokens): one
+    Hessian operator, then top-5 at both ends, a Hutch++ trace and an SLQ density (1 run), each timed with its
+    products, and the process's peak resident set against 20 GiB. Lanczos vectors are float64, 0.83 GB each at
+    this size: the configuration asks for a restarted basis of 10 vectors and SLQ without reorthogonalisation
+    (keywords the API does not take are reported in the row's note, not passed).
+--smoke runs tiny configurations instead (rows marked as smoke runs: they check that the suite runs, they are not
+results); --models-config '{"gpt2-1e8": {"samples": 4}}' replaces entries of a configuration (see MODELS_SUITE);
+--device cuda runs the models suite on a GPU (its peak memory there is reported too).
+
+    python scripts/bench.py --suites models --threads 2                  # all three (hours on 2 CPU cores)
+    python scripts/bench.py --suites models --models gpt2-1e8 --merge   # the large spectra alone
+    python scripts/bench.py --suites models --smoke --out /tmp/smoke     # a minute: does it run?
+
 Timings are the best of --repeat runs: the pseudo-Hessian suite's after one
 warm-up batch; the spectrum suite's tools take turns in every round, so that a
 slow spell of a shared machine hits them alike. torch uses --threads threads
@@ -63,7 +83,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -680,6 +700,320 @@ def kfac_notes(rows: list[dict]) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- models suite (issue #16)
+
+#: The models suite: "analyse" rows run the default `curvscope analyse` (curvscope.analysis.analyse_checkpoint on a
+#: bundle written for it: ḡ, C̄, C̄⁻¹, interactions, step losses and the spectra, without the results file and the
+#: figures); "spectra" rows build one Hessian operator and time top-k at both ends, Hutch++ trace and an SLQ density
+#: through the Python API. Data: CIFAR-shaped `synthetic` images, or `token_data` (below) through the data plug-in
+#: "bench:token_data" (scripts/ on the path, as when this file runs). `--models-config` overrides any entry.
+MODELS_SUITE: dict[str, dict] = {
+    # torchvision's resnet18 shape (7x7 stride-2 stem, max pooling), as in the issue's measurement on 32x32 inputs
+    "resnet18": {"task": "analyse", "model": "resnet18", "model_kwargs": {"width": 64, "stem": "imagenet"},
+                 "data": "synthetic", "data_kwargs": {"shape": [3, 32, 32], "num_classes": 10, "n": 64},
+                 "samples": 64, "batch_size": 32},
+    "gpt2": {"task": "analyse", "model": "gpt2",
+             "model_kwargs": {"vocab_size": 512, "context": 64, "width": 128, "depth": 2, "heads": 4},
+             "data": "bench:token_data", "data_kwargs": {"vocab_size": 512, "seq_len": 64, "n": 64},
+             "samples": 64, "batch_size": 32},
+    # Is the spectrum of a 1e8-parameter model possible in at most 20 GiB? GPT-2 small's widths and vocabulary with
+    # 9 of its 12 layers: P = 103.2 M. Lanczos vectors are float64, 0.83 GB each at this P, and the model, its
+    # kept graphs (1.2 GB) and a product's buffers take about 5.5 GB (6.5 GB at GPT-2 small's 124.4 M): the
+    # restarted basis of 10 vectors (memory (basis + k + 1) vectors) and SLQ without reorthogonalisation (4 vectors)
+    # are asked for; keyword arguments the API does not take are reported in the row's note, not passed.
+    "gpt2-1e8": {"task": "spectra", "model": "gpt2",
+                 "model_kwargs": {"vocab_size": 50257, "context": 1024, "width": 768, "depth": 9, "heads": 12},
+                 "data": "bench:token_data", "data_kwargs": {"vocab_size": 50257, "seq_len": 64, "n": 8},
+                 "samples": 8, "batch_size": 8, "top_k": 5, "lanczos_steps": 80, "slq_steps": 80,
+                 "trace_matvecs": 30, "eigen_kwargs": {"basis": 10}, "density_kwargs": {"reorthogonalise": "none"},
+                 "rss_limit_gib": 20},
+}
+#: --smoke: tiny configurations that check the suite runs end to end in a minute; their rows are marked as such
+#: and are not results.
+SMOKE: dict[str, dict] = {
+    "resnet18": {"model_kwargs": {"width": 2}, "data_kwargs": {"shape": [3, 16, 16], "num_classes": 10, "n": 8},
+                 "samples": 8, "batch_size": 4},
+    "gpt2": {"model_kwargs": {"vocab_size": 32, "context": 8, "width": 8, "depth": 2, "heads": 2},
+             "data_kwargs": {"vocab_size": 32, "seq_len": 8, "n": 8}, "samples": 8, "batch_size": 4},
+    "gpt2-1e8": {"model_kwargs": {"vocab_size": 1000, "context": 16, "width": 32, "depth": 2, "heads": 2},
+                 "data_kwargs": {"vocab_size": 1000, "seq_len": 16, "n": 4}, "samples": 4, "batch_size": 4,
+                 "lanczos_steps": 30, "slq_steps": 30, "eigen_kwargs": {"basis": 12}},
+}
+
+
+def token_data(split: str = "train", vocab_size: int = 512, seq_len: int = 64, n: int = 64, seed: int = 0):
+    """The data plug-in "bench:token_data": n seeded uniform random token sequences of seq_len + 1 tokens, as
+    (inputs, targets) = (tokens[:, :-1], tokens[:, 1:]), both (n, seq_len) int64: next-token prediction."""
+    from curvscope.sources.datasets import Dataset
+
+    gen = torch.Generator().manual_seed(2 * seed + (split == "test"))
+    tokens = torch.randint(0, vocab_size, (n, seq_len + 1), generator=gen)
+    return Dataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+
+def models_config(name: str, smoke: bool = False, overrides: dict | None = None) -> dict:
+    """The models suite's configuration of `name`: MODELS_SUITE's, then SMOKE's (when `smoke`), then `overrides`
+    (a mapping of entries, e.g. {"samples": 4}), each replacing whole entries."""
+    return {**MODELS_SUITE[name], **(SMOKE.get(name, {}) if smoke else {}), **(overrides or {})}
+
+
+def _build_data(cfg: dict):
+    from curvscope.sources.datasets import build_dataset
+
+    return build_dataset(cfg["data"], "train", cfg["data_kwargs"])
+
+
+def calibrate_batchnorm(model: torch.nn.Module, batches: list) -> bool:
+    """Give BatchNorm layers the running statistics of `batches` (cumulative averages over one pass in train mode,
+    no gradient, parameters untouched), as training would; the model is left in eval mode. Whether it has any."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+    return True
+
+
+def measured(fn: Callable[[], object], device: str = "cpu") -> SimpleNamespace:
+    """`fn()` timed, with this process's resident set before the call and its peak during it, in MiB (peak reset
+    just before the call, as in `peak_rss`; NaN where Linux's /proc is not there); on a CUDA `device`, also the
+    peak of the memory torch allocated there during the call."""
+    gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS") / 1024
+    except (OSError, StopIteration):
+        before = float("nan")
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    try:
+        peak = _status_kib("VmHWM") / 1024
+    except (OSError, StopIteration):
+        peak = float("nan")
+    return SimpleNamespace(seconds=seconds, result=out, rss_before_mib=before, peak_rss_mib=peak,
+                           device_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
+
+
+def _accepted(fn: Callable, kwargs: dict) -> tuple[dict, dict]:
+    """`kwargs` split into those `fn` takes and those it does not."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs), {}
+    return ({k: v for k, v in kwargs.items() if k in params}, {k: v for k, v in kwargs.items() if k not in params})
+
+
+def analyse_row(name: str, cfg: dict) -> dict:
+    """The default `curvscope analyse` of `cfg`'s model (seeded, BatchNorm statistics calibrated on the analysis
+    set) on its data: analyse_checkpoint on a bundle in a temporary folder, data named as with --data."""
+    import tempfile
+
+    from curvscope.analysis import analyse_checkpoint
+    from curvscope.settings import AnalysisOptions
+    from curvscope.sources.checkpoint import save_checkpoint
+    from curvscope.sources.datasets import analysis_batches
+
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], cfg["model_kwargs"])
+    params = sum(p.numel() for _, p in trainable(model))
+    data = _build_data(cfg)
+    calibrated = calibrate_batchnorm(model, analysis_batches(data, cfg["samples"], cfg["batch_size"]))
+    options = AnalysisOptions(samples=cfg["samples"], batch_size=cfg["batch_size"], data=cfg["data"],
+                              data_kwargs=cfg["data_kwargs"], loss="cross_entropy", device=cfg.get("device", "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.pt"
+        save_checkpoint(path, model, model_name=cfg["model"], model_kwargs=cfg["model_kwargs"], data={},
+                        loss="cross_entropy", epoch=0)
+        del model
+        run = measured(lambda: analyse_checkpoint(path, options), cfg.get("device", "cpu"))
+    rec = run.result[0]
+    spec, attrs = rec.spectrum, rec.attrs
+    nan = float("nan")
+    spectrum_s = spec.elapsed_s if spec is not None else nan
+    gradient_s, pseudo_s = float(attrs.get("gradient_s", nan)), float(attrs.get("pseudo_s", nan))
+    notes = ["BatchNorm statistics calibrated on the analysis set" if calibrated else "",
+             attrs.get("batchnorm_warning", ""), attrs.get("determinism_warning", ""), attrs.get("outputs", "")]
+    return {"model": name, "task": "analyse", "config": cfg, "P": params, "S": len(rec.pseudo.names),
+            "samples": int(attrs["n_samples"]), "batch_size": cfg["batch_size"],
+            "seq_len": cfg["data_kwargs"].get("seq_len"), "loss": float(attrs["loss_value"]),
+            "total_s": run.seconds, "gradient_s": gradient_s, "pseudo_s": pseudo_s, "spectrum_s": spectrum_s,
+            "rest_s": run.seconds - np.nansum([gradient_s, pseudo_s, spectrum_s]),
+            "products": spec.products if spec is not None else 0, "mode": spec.mode if spec is not None else "",
+            "graph_bytes": spec.graph_bytes if spec is not None else 0,
+            "blocks": len(spec.blocks) if spec is not None else 0,
+            "top": spec.top.values.tolist() if spec is not None else None,
+            "top_converged": int(spec.top.converged.sum()) if spec is not None else 0,
+            "bottom": spec.bottom.values.tolist() if spec is not None else None,
+            "bottom_converged": int(spec.bottom.converged.sum()) if spec is not None else 0,
+            "strategy": attrs.get("strategy"), "device": str(attrs.get("device", "cpu")),
+            "rss_before_mib": run.rss_before_mib, "peak_rss_mib": run.peak_rss_mib,
+            "device_peak_mib": run.device_peak_mib, "note": "; ".join(n for n in notes if n)}
+
+
+def spectra_row(name: str, cfg: dict) -> dict:
+    """Top-k at both ends, Hutch++ trace and an SLQ density (1 run) of the Hessian of `cfg`'s model on its data,
+    sharing one operator; each timed, with the process's peak resident set over all of it."""
+    from curvscope import curvature_operator, eigenvalues, spectral_density, trace
+    from curvscope.sources.datasets import analysis_batches
+
+    torch.manual_seed(0)
+    device = cfg.get("device", "cpu")
+    model = build_model(cfg["model"], cfg["model_kwargs"]).eval().to(device)
+    P = sum(p.numel() for _, p in trainable(model))
+    batches = analysis_batches(_build_data(cfg), cfg["samples"], cfg["batch_size"])
+    eigen_kw, eigen_skipped = _accepted(eigenvalues, cfg.get("eigen_kwargs", {}))
+    density_kw, density_skipped = _accepted(spectral_density, cfg.get("density_kwargs", {}))
+    k, steps = cfg["top_k"], cfg["lanczos_steps"]
+    times: dict[str, float] = {}
+    products: dict[str, int] = {}
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        with curvature_operator(model, build_loss("cross_entropy"), batches, "hessian") as op:
+            tasks = {"largest": lambda: eigenvalues(op, k=k, which="largest", max_steps=steps, **eigen_kw),
+                     "smallest": lambda: eigenvalues(op, k=k, which="smallest", max_steps=steps, **eigen_kw),
+                     "trace": lambda: trace(op, matvecs=cfg["trace_matvecs"]),
+                     "density": lambda: spectral_density(op, runs=1, steps=cfg["slq_steps"], **density_kw)}
+            for task, fn in tasks.items():
+                count, start = op.count, time.perf_counter()
+                out[task] = fn()
+                times[task], products[task] = time.perf_counter() - start, op.count - count
+            out["mode"], out["graph_bytes"] = op.mode, op.graph_bytes
+
+    run = measured(work, device)
+    top, bottom, tr = out["largest"], out["smallest"], out["trace"]
+    whole = _status_kib("VmHWM") / 1024 if Path("/proc/self/status").exists() else float("nan")
+    skipped = {**eigen_skipped, **density_skipped}
+    return {"model": name, "task": "spectra", "config": cfg, "P": P, "S": len(trainable(model)),
+            "samples": cfg["samples"], "batch_size": cfg["batch_size"], "seq_len": cfg["data_kwargs"].get("seq_len"),
+            "total_s": run.seconds, **{f"{t}_s": v for t, v in times.items()},
+            **{f"{t}_products": v for t, v in products.items()}, "products": sum(products.values()),
+            "top": top.values.tolist(), "top_converged": int(top.converged.sum()),
+            "bottom": bottom.values.tolist(), "bottom_converged": int(bottom.converged.sum()),
+            "trace": tr.value, "trace_stderr": tr.stderr, "mode": out["mode"], "graph_bytes": out["graph_bytes"],
+            "device": device, "rss_before_mib": run.rss_before_mib, "peak_rss_mib": run.peak_rss_mib,
+            "process_peak_rss_mib": whole, "device_peak_mib": run.device_peak_mib,
+            "rss_limit_gib": cfg.get("rss_limit_gib"),
+            "note": (f"not taken by this curvscope, so not passed: {json.dumps(skipped)}" if skipped else "")}
+
+
+def models_row(name: str, cfg: dict) -> dict:
+    """One row of the models suite (see MODELS_SUITE), in this process."""
+    return (analyse_row if cfg["task"] == "analyse" else spectra_row)(name, cfg)
+
+
+def bench_models(name: str, smoke: bool = False, overrides: dict | None = None, in_process: bool = False) -> dict:
+    """The models suite's row of `name`, measured in a fresh process (so that its peak memory is its own) unless
+    `in_process`; a failed run gives a row with its error."""
+    cfg = models_config(name, smoke, overrides)
+    if in_process:
+        row = models_row(name, cfg)
+    else:
+        cmd = [sys.executable, __file__, "--models-row", name, "--threads", str(torch.get_num_threads())]
+        if smoke:
+            cmd.append("--smoke")
+        if overrides:
+            cmd += ["--models-config", json.dumps({name: overrides})]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            if done.returncode < 0:
+                why = f"killed by signal {-done.returncode} (out of memory?); {why}"
+            return {"model": name, "task": cfg["task"], "config": cfg, "smoke": smoke, "error": why}
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, "smoke": smoke, "error": None}
+
+
+def _mib(value: float | None) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB"
+
+
+def _memory(r: dict, key: str) -> str:
+    """A row's peak resident set, and its peak on a CUDA device when it ran there."""
+    device = r.get("device_peak_mib")
+    return _mib(r.get(key)) + ("" if device is None else f" (+ {_mib(device)} on {r['device']})")
+
+
+def _count(value: int | None) -> str:
+    return "" if value is None else f"{value / 1e6:.1f} M" if value >= 1e6 else f"{value:,}"
+
+
+def models_markdown(rows: list[dict]) -> str:
+    smoke = any(r.get("smoke") for r in rows)
+    lines = (["**Smoke run** (`--smoke`: tiny configurations that check the suite runs end to end; these are not "
+              "results).", ""] if smoke else [])
+    analyse = [r for r in rows if r["task"] == "analyse"]
+    if analyse:
+        lines += ["Default `curvscope analyse` (Hessian: ḡ, H̄, H̄⁻¹, interactions, step losses, spectra; no results "
+                  "file or figures). Rest: loading, the checks of the model and data, H̄⁻¹, the interaction "
+                  "measures and the step losses. Products: the spectra's Hessian-vector products.", "",
+                  "| model | P | S | N | B | T | total | gradient | H̄ | spectra | rest | products | graphs | "
+                  "peak RSS | top eigenvalue | note |", "|" + "---|" * 16]
+        for r in analyse:
+            head = f"| {r['model']}{' (smoke)' if r.get('smoke') else ''} |"
+            if r.get("error"):
+                lines.append(head + f" | | | | | failed | | | | | | | | | {r['error'][:160]} |")
+                continue
+            top = f"{r['top'][0]:.4g} ({r['top_converged']}/{len(r['top'])} conv.)" if r["top"] else ""
+            lines.append(head + f" {_count(r['P'])} | {r['S']} | {r['samples']} | {r['batch_size']} | "
+                         f"{r['seq_len'] or ''} | {r['total_s']:.1f} s | {r['gradient_s']:.1f} s | "
+                         f"{r['pseudo_s']:.1f} s | {r['spectrum_s']:.1f} s | {r['rest_s']:.1f} s | {r['products']} | "
+                         f"{r['mode']} ({_mib(r['graph_bytes'] / 2**20)}) | {_memory(r, 'peak_rss_mib')} | {top} | "
+                         f"{r['note'][:160]} |")
+        lines.append("")
+    spectra = [r for r in rows if r["task"] == "spectra"]
+    if spectra:
+        lines += ["Spectra of a large model (one Hessian operator; top-k at both ends, Hutch++ trace, SLQ density of "
+                  "1 run):", "",
+                  "| model | P | N | T | largest | smallest | trace | density | total | products | peak RSS "
+                  "(process) | within limit | note |", "|" + "---|" * 13]
+        for r in spectra:
+            head = f"| {r['model']}{' (smoke)' if r.get('smoke') else ''} |"
+            if r.get("error"):
+                lines.append(head + f" | | | failed | | | | | | | | {r['error'][:160]} |")
+                continue
+            peak = r.get("process_peak_rss_mib", np.nan)
+            limit = r.get("rss_limit_gib")
+            ok = "" if limit is None or not np.isfinite(peak) else ("yes" if peak <= limit * 1024 else "**no**")
+            cells = [f"{r[f'{t}_s']:.1f} s ({r[f'{t}_products']})" for t in ("largest", "smallest", "trace",
+                                                                              "density")]
+            lines.append(head + f" {_count(r['P'])} | {r['samples']} | {r['seq_len'] or ''} | " + " | ".join(cells)
+                         + f" | {r['total_s']:.1f} s | {r['products']} | {_memory(r, 'process_peak_rss_mib')} | "
+                         f"{ok}{f' (≤ {limit} GiB)' if limit else ''} | {r['note'][:160]} |")
+        lines += ["", "Cells: time (products). Values:", ""]
+        for r in spectra:
+            if not r.get("error"):
+                lines.append(f"- {r['model']}: largest {', '.join(f'{v:.4g}' for v in r['top'])} "
+                             f"({r['top_converged']}/{len(r['top'])} converged); smallest "
+                             f"{', '.join(f'{v:.4g}' for v in r['bottom'])} ({r['bottom_converged']}/{len(r['bottom'])}"
+                             f" converged); trace {r['trace']:.4g} ± {r['trace_stderr']:.2g}")
+        lines.append("")
+    for name in dict.fromkeys(r["model"] for r in rows):  # one run each, in its own process
+        r = next(q for q in rows if q["model"] == name)
+        if "date" in r:
+            lines.append(f"- {name}: one run in a fresh process, {r['date']}, {r['machine']}.")
+    return "\n".join(lines)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -688,13 +1022,26 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+SUITE_MODELS = {"pseudo-hessian": list(SETTINGS), "spectrum": list(SETTINGS), "curvatures": list(SETTINGS),
+                "kfac": list(SETTINGS), "models": list(MODELS_SUITE)}
+
+
+def suite_models(suite: str, requested: list[str] | None) -> list[str]:
+    """The models `suite` runs: those of `requested` it has (all of its own when None)."""
+    own = SUITE_MODELS[suite]
+    return list(own) if requested is None else [m for m in requested if m in own]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    every_model = list(dict.fromkeys(m for names in SUITE_MODELS.values() for m in names))
+    parser.add_argument("--models", nargs="+", default=None, choices=every_model,
+                        help="models to run, among those of the suites asked for [default: each suite's own: lenet5 "
+                             "and vgg11; the models suite's resnet18, gpt2 and gpt2-1e8]")
     parser.add_argument("--strategies", nargs="+", default=["auto", "batched"],
                         choices=["auto", "triangular", "batched"])
     parser.add_argument("--suites", nargs="+", default=["pseudo-hessian", "spectrum"],
-                        choices=["pseudo-hessian", "spectrum", "curvatures", "kfac"])
+                        choices=list(SUITE_MODELS))
     parser.add_argument("--flavours", nargs="+", default=list(KFAC_FLAVOURS), choices=list(KFAC_FLAVOURS),
                         help="K-FAC suite: the flavours to run")
     parser.add_argument("--merge", action="store_true",
@@ -704,7 +1051,15 @@ def main() -> None:
     parser.add_argument("--check-float64", action="store_true",
                         help="curvatures and K-FAC suites: also compare Ḡ and F̄ (K̄ of type-2 and empirical) with "
                              "curvlinops' in float64 (untimed)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="models suite: tiny configurations that check it runs (rows marked as smoke runs)")
+    parser.add_argument("--device", default=None,
+                        help="models suite: where to compute (cpu, cuda[:i]) [default: cpu]")
+    parser.add_argument("--models-config", type=json.loads, default={}, metavar="JSON",
+                        help='models suite: entries replacing a model\'s configuration, e.g. '
+                             '\'{"gpt2-1e8": {"samples": 4}}\'')
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
+    parser.add_argument("--models-row", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
@@ -712,6 +1067,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.probe:
         return _probe(*args.probe)
+    if args.device is not None:
+        for name in MODELS_SUITE:
+            args.models_config[name] = {"device": args.device, **args.models_config.get(name, {})}
+    if args.models_row:  # one row of the models suite, in this (fresh) process, as JSON on the last line
+        cfg = models_config(args.models_row, args.smoke, args.models_config.get(args.models_row))
+        print(json.dumps(models_row(args.models_row, cfg)))
+        return None
+    if not (isinstance(args.models_config, dict) and all(isinstance(v, dict) for v in args.models_config.values())):
+        parser.error("--models-config takes a JSON object of objects, e.g. '{\"gpt2\": {\"samples\": 8}}'")
+    unknown = set(args.models_config) - set(MODELS_SUITE)
+    if unknown:
+        parser.error(f"--models-config names models not in the models suite: {', '.join(sorted(unknown))}")
+    if args.models is not None:
+        unused = [m for m in args.models if not any(m in SUITE_MODELS[s] for s in args.suites)]
+        if unused:
+            parser.error(f"no suite asked for runs {', '.join(unused)}")
     env = {"curvscope": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
@@ -725,17 +1096,20 @@ def main() -> None:
               "curvatures": ("curvatures", lambda m: bench_curvatures(m, args.repeat, not args.no_memory,
                                                                       args.check_float64), curvatures_markdown),
               "kfac": ("kfac", lambda m: bench_kfac(m, args.repeat, args.flavours, not args.no_memory,
-                                                    args.check_float64), kfac_markdown)}
+                                                    args.check_float64), kfac_markdown),
+              "models": ("models", lambda m: [bench_models(m, args.smoke, args.models_config.get(m))],
+                         models_markdown)}
     for suite in args.suites:
         stem, run, table_of = suites[suite]
+        names = suite_models(suite, args.models)
         rows = []
-        for name in args.models:
+        for name in names:
             for row in run(name):
                 rows.append({**row, "repeat": args.repeat, "date": env["date"], "machine": machine})
                 print(json.dumps(row), flush=True)
         path = args.out / f"{stem}.json"
         if args.merge and path.exists():  # keep the rows of the models not run now
-            rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in args.models] + rows
+            rows = [r for r in json.loads(path.read_text())["rows"] if r["model"] not in names] + rows
         table = table_of(rows)
         print(f"\n{table}\n\n{env}\n", flush=True)
         path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))

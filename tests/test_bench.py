@@ -1,5 +1,6 @@
 """The benchmark's helpers: tools take turns and each keeps its fastest result; peers free their copies; the
-curvatures and K-FAC suites' rows and their peak-memory measure."""
+curvatures and K-FAC suites' rows and their peak-memory measure; the models suite's data, configurations, rows and
+tables."""
 from __future__ import annotations
 
 import gc
@@ -20,13 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import peers  # noqa: E402
 from bench import (  # noqa: E402
+    MODELS_SUITE,
+    bench_models,
+    calibrate_batchnorm,
     curvature_rows,
     curvatures_markdown,
     interleaved,
     kfac_markdown,
     kfac_references,
     kfac_rows,
+    models_config,
+    models_markdown,
     peak_rss,
+    suite_models,
+    token_data,
 )
 from peers import _timed  # noqa: E402
 
@@ -195,3 +203,67 @@ def test_kfac_suite_rows_on_a_tiny_model() -> None:
             assert r["max_rel_diff"] is None and r["ratio_to_curvlinops"] is None
     table = kfac_markdown(rows)
     assert all(f"| {t} |" in table for t in tools)
+
+
+# --------------------------------------------------------------------------- models suite
+
+def test_token_data_is_next_token_prediction() -> None:
+    data = token_data(vocab_size=7, seq_len=5, n=4, seed=3)
+    assert data.inputs.shape == data.targets.shape == (4, 5) and data.inputs.dtype == torch.int64
+    assert torch.equal(data.inputs[:, 1:], data.targets[:, :-1])  # the target of step t is the input of t + 1
+    assert 0 <= int(data.inputs.min()) and int(data.targets.max()) < 7
+    assert torch.equal(token_data(vocab_size=7, seq_len=5, n=4, seed=3).inputs, data.inputs)
+    assert not torch.equal(token_data("test", vocab_size=7, seq_len=5, n=4, seed=3).inputs, data.inputs)
+
+
+def test_calibrate_batchnorm_sets_the_running_statistics_of_the_data() -> None:
+    from curvscope.sources.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", {"width": 1})
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(8, 3, 8, 8) * 3 + 1
+    assert calibrate_batchnorm(model, [(x[:4], None), (x[4:], None)])
+    assert not model.training and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with torch.no_grad():
+        z = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, z.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    assert model.bn1.momentum == 0.1 and int(model.bn1.num_batches_tracked) == 2
+    assert not calibrate_batchnorm(MLP(), [(torch.randn(2, 64), None)])
+
+
+def test_models_suite_configurations() -> None:
+    assert suite_models("models", None) == ["resnet18", "gpt2", "gpt2-1e8"]
+    assert suite_models("models", ["lenet5", "gpt2"]) == ["gpt2"] and suite_models("kfac", ["gpt2"]) == []
+    cfg = models_config("gpt2-1e8")
+    assert cfg["model_kwargs"]["width"] == 768 and cfg["samples"] == 8 and cfg["rss_limit_gib"] == 20
+    smoke = models_config("gpt2-1e8", smoke=True, overrides={"samples": 2})
+    assert smoke["model_kwargs"]["width"] < 768 and smoke["samples"] == 2 and smoke["task"] == "spectra"
+    assert {c["task"] for c in MODELS_SUITE.values()} == {"analyse", "spectra"}
+
+
+TINY_LM = {"model_kwargs": {"vocab_size": 8, "context": 4, "width": 4, "depth": 1, "heads": 2},
+           "data_kwargs": {"vocab_size": 8, "seq_len": 4, "n": 4}, "samples": 4, "batch_size": 2}
+
+
+def test_models_suite_rows_on_tiny_models() -> None:
+    """Both kinds of row in process on a tiny GPT-2: the default analyse's timings add up, its spectra made
+    products; the spectra row's tasks and memory; the table marks smoke runs and failures."""
+    analyse = bench_models("gpt2", smoke=True, overrides=TINY_LM, in_process=True)
+    assert analyse["error"] is None and analyse["smoke"] and analyse["S"] == 16 and analyse["samples"] == 4
+    assert analyse["P"] == 8 * 4 + 4 * 4 + 8 + 4 * 12 + 12 + 4 * 4 + 4 + 8 + 16 * 4 + 16 + 4 * 16 + 4 + 8
+    assert analyse["products"] > 0 and analyse["top_converged"] == 5 and len(analyse["bottom"]) == 5
+    parts = analyse["gradient_s"] + analyse["pseudo_s"] + analyse["spectrum_s"]
+    assert 0 < parts <= analyse["total_s"] and analyse["rest_s"] >= 0
+    if Path("/proc/self/clear_refs").exists():
+        assert analyse["peak_rss_mib"] >= analyse["rss_before_mib"] > 0
+    spectra = bench_models("gpt2-1e8", smoke=True, overrides={**TINY_LM, "lanczos_steps": 20, "slq_steps": 10,
+                                                                 "trace_matvecs": 6}, in_process=True)
+    assert spectra["error"] is None and spectra["P"] == analyse["P"]
+    assert spectra["density_products"] == 10 and spectra["trace_products"] == 6
+    assert spectra["products"] == sum(spectra[f"{t}_products"] for t in ("largest", "smallest", "trace", "density"))
+    assert spectra["top"][0] >= spectra["top"][-1] and spectra["bottom"][0] <= spectra["bottom"][-1]
+    failed = {"model": "resnet18", "task": "analyse", "smoke": False, "error": "killed by signal 9 (out of memory?)"}
+    table = models_markdown([analyse, spectra, failed])
+    assert "**Smoke run**" in table and "| gpt2 (smoke) |" in table and "| gpt2-1e8 (smoke) |" in table
+    assert "| resnet18 |" in table and "killed by signal 9" in table

@@ -63,7 +63,7 @@ def test_analysis_batches_take_the_first_n() -> None:
 
 
 def test_unknown_names() -> None:
-    with pytest.raises(CurvscopeError, match="zoo has lenet5, mlp, vgg11"):
+    with pytest.raises(CurvscopeError, match="zoo has gpt2, lenet5, mlp, resnet18, vgg11, vit"):
         build_model("resnet")
     with pytest.raises(CurvscopeError, match="unknown loss"):
         build_loss("hinge")
