@@ -63,8 +63,7 @@ from typing import Callable, ClassVar, Iterator, Sequence, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import jvp, vmap
 
 from curvscope.curvature.data_conv import data_convolutions
 from curvscope.curvature.objective import Progress, differentiate
@@ -139,14 +138,14 @@ class OutputSpaceOperator(CurvatureOperator):
 
     def functional_model(self, b: int) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
         """θ ↦ z = model(x_b) (a list of trainable tensors, ``functional_call``; tied weights stay tied),
-        under the math attention backend."""
+        under the math attention backend, the predictions taken by the objective's output rule and BatchNorm mode
+        (:meth:`curvscope.curvature.objective.Objective.outputs`)."""
         x, _ = self.obj.batches[b]
         x = self.obj.place(x)
-        model, names = self.obj.model, self.names
+        obj, names = self.obj, self.names
 
         def outputs(params: Sequence[torch.Tensor]) -> torch.Tensor:
-            with sdpa_kernel(SDPBackend.MATH):
-                return functional_call(model, dict(zip(names, params)), (x,))
+            return obj.outputs(x, dict(zip(names, params)))
 
         return outputs
 

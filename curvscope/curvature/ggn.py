@@ -30,14 +30,16 @@ import torch.nn.functional as F
 from curvscope.curvature.gauss_newton import BatchFunction, OutputSpaceOperator
 from curvscope.curvature.kinds import KINDS
 from curvscope.errors import CurvscopeError, summary
+from curvscope.sources.losses import NLL_LOSSES, class_dim, cross_entropy
 
 
-def _log_probabilities(z: torch.Tensor) -> bool:
-    """Whether every row of class scores z (batch × classes) is a vector of log-probabilities: logsumexp = 0."""
-    if z.dim() != 2:
+def _log_probabilities(z: torch.Tensor, dim: int = 1) -> bool:
+    """Whether class scores z (batch × classes, or with positions, the classes along `dim`) are log-probabilities
+    everywhere: logsumexp = 0."""
+    if z.dim() < 2:
         return False
     with torch.no_grad():
-        return bool((torch.logsumexp(z, dim=1).abs() <= 100 * torch.finfo(z.dtype).eps).all())
+        return bool((torch.logsumexp(z, dim=dim).abs() <= 100 * torch.finfo(z.dtype).eps).all())
 
 
 class GGNOperator(OutputSpaceOperator):
@@ -54,12 +56,13 @@ class GGNOperator(OutputSpaceOperator):
         linear in z, e.g. NLL on log-probabilities)."""
         _, y = self.obj.batches[b]
         z = value.detach().requires_grad_(True)
-        loss_fn = self.obj.loss_fn
-        if loss_fn is F.nll_loss and _log_probabilities(z):
-            loss_fn = F.cross_entropy  # the same value; the softmax's curvature (see the module docstring)
+        loss_fn, y = self.obj.loss_fn, self.obj.place(y)
+        if loss_fn in NLL_LOSSES and _log_probabilities(z, class_dim(z, y)):
+            loss_fn = F.cross_entropy if loss_fn is F.nll_loss else cross_entropy  # the same value; the softmax's
+            # curvature (see the module docstring)
         with torch.enable_grad():
             try:
-                loss = loss_fn(z, self.obj.place(y))
+                loss = loss_fn(z, y)
             except Exception as exc:  # noqa: BLE001 - the loss is the user's code
                 raise CurvscopeError(f"the loss cannot be evaluated on batch {b}'s outputs: {summary(exc)}") from None
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

@@ -55,14 +55,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOUR_OF, KFAC_FLAVOURS
 from curvscope.curvature.objective import Progress, differentiate, no_progress
 from curvscope.curvature.operator import CurvatureOperator
 from curvscope.curvature.partition import Partition, owner
 from curvscope.errors import CurvscopeError, summary
-from curvscope.sources.losses import LOSSES
+from curvscope.sources.losses import IGNORE_INDEX, LOSSES, class_scores, counted
 
 TYPE2_LIMIT = 1024  # output values per sample: type-2 takes one backward pass per value
 
@@ -301,8 +300,10 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
         handles = [modules[lay.layer].register_forward_hook(hook(lay)) for lay in layers]
         x, y = obj.batches[b]
         try:
-            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-                z = model(obj.place(x))
+            with torch.enable_grad():
+                z = obj.outputs(obj.place(x))  # the output rule, BatchNorm mode and math attention of every engine
+        except CurvscopeError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the model is the user's code
             raise CurvscopeError(f"the model cannot be evaluated on batch {b} (inputs {tuple(x.shape)}): "
                                  f"{summary(exc)}") from None
@@ -385,9 +386,10 @@ def _backward_vectors(op: CurvatureOperator, flavour: str, b: int, z: torch.Tens
         losses = op.per_sample_losses(z, y)  # type: ignore[attr-defined]
         return [(losses.sum(), None, ones)]
     if flavour == "mc":
-        # A sample's loss averages T label positions (class scores (n, C, T…)): its sampled gradients' outer
-        # products average to 1/T of its output Hessian, hence the weight T (mse's noise already accounts for it).
-        terms = z[0].numel() // z.shape[1] if op.obj.loss_fn is not LOSSES["mse"] and z.dim() > 2 else 1
+        # The batch loss averages its c counted label positions: n_b ∇²_{z_n} L_b = (n_b/c) Σ_t H_{n,t}, while the
+        # sampled gradients of n_b L_b have E[g gᵀ] = (n_b/c)² Σ_t H_{n,t} (the positions' cross terms vanish):
+        # hence the weight c/n_b (1 for one label per sample; mse's noise already accounts for its values).
+        terms = 1.0 if op.obj.loss_fn is LOSSES["mse"] else float(counted(y)) / n
         return [(n * op.obj.loss_fn(z, _sample(op, z, y, generator)), None, ones * terms / mc_samples)
                 for _ in range(mc_samples)]
     state = op.output_state(b, z.detach())  # type: ignore[attr-defined]
@@ -414,15 +416,16 @@ def _sample(op: CurvatureOperator, z: torch.Tensor, y: torch.Tensor, generator: 
     loss_fn = op.obj.loss_fn
     zc = z.detach().to("cpu", torch.float64)
     if loss_fn in (LOSSES["cross_entropy"], LOSSES["nll"]):
-        if zc.dim() < 2:
-            raise CurvscopeError(f"Monte-Carlo K-FAC needs class scores with the classes along dimension 1, not "
-                                 f"outputs of shape {tuple(z.shape)}.")
+        if zc.dim() < 2 or y.is_floating_point():
+            raise CurvscopeError(f"Monte-Carlo K-FAC needs class scores with integer targets, not outputs of shape "
+                                 f"{tuple(z.shape)} with {y.dtype} targets.")
+        zc = class_scores(zc, y)  # classes along dimension 1, sequence layouts included
         logp = torch.log_softmax(zc, 1) if loss_fn is LOSSES["cross_entropy"] else zc
         if loss_fn is LOSSES["nll"] and not bool((torch.logsumexp(zc, 1).abs() <= 1e-4).all()):
             raise CurvscopeError("Monte-Carlo K-FAC with the nll loss needs log-probabilities as outputs.")
         p = logp.exp().movedim(1, -1).reshape(-1, zc.shape[1])
-        draw = torch.multinomial(p, 1, generator=generator).reshape(zc.movedim(1, -1).shape[:-1])
-        return draw.to(y.device)
+        draw = torch.multinomial(p, 1, generator=generator).reshape(zc.movedim(1, -1).shape[:-1]).to(y.device)
+        return torch.where(y == IGNORE_INDEX, y, draw.reshape(y.shape))  # ignored positions stay ignored
     if loss_fn is LOSSES["mse"]:
         d = zc[0].numel()
         noise = torch.randn(zc.shape, generator=generator, dtype=torch.float64) * math.sqrt(d / 2)

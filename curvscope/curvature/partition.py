@@ -8,6 +8,14 @@ order of first appearance in `model.parameters()` order.
 kinds: `canonical` (one group per tensor), `layer` (the tensors of one module
 together, e.g. weight and bias), `trivial` (one group, Cauchy's step) and
 `discrete` (one group per scalar, Newton's method; tiny models only).
+
+Each tensor has a kind (weight, bias or other: :func:`tensor_kind`, which knows
+the names weights and biases go by in nn.MultiheadAttention, weight and spectral
+normalisation and parametrizations) and a layer, its owning module
+(:func:`owner`; a class or position token of the root module is its own layer),
+on which the weight-weight, bias-bias and weight-bias split of the interaction
+measures and the layer partition rest. Tensors tied under several names are
+counted once, under the name ``named_parameters()`` gives them (:func:`tied`).
 """
 from __future__ import annotations
 
@@ -90,15 +98,76 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+#: Leaf names of weights and biases kept under another name: nn.MultiheadAttention's packed projections,
+#: weight normalisation's magnitude and direction (``torch.nn.utils.weight_norm``), the originals that spectral
+#: normalisation and pruning keep (``weight_orig``).
+WEIGHT_ALIASES = ("in_proj_weight", "weight_g", "weight_v", "weight_orig")
+BIAS_ALIASES = ("in_proj_bias", "bias_orig")
+#: Leaf-name endings of tokens and embeddings a module owns directly (``cls_token``, ``pos_embed``,
+#: ``position_embedding``, ``register_tokens``…): "other" tensors, whatever they are multiplied by.
+TOKEN_ENDINGS = ("token", "tokens", "embed", "embeds", "embedding", "embeddings")
+_PARAMETRIZED = ".parametrizations."  # torch.nn.utils.parametrize: <module>.parametrizations.<tensor>.original<k>
+
+
+def _leaf(name: str) -> tuple[str, str]:
+    """(module, tensor) of a parameter name; a parametrized tensor (``fc.parametrizations.weight.original0``)
+    is named by the module and the tensor it parametrizes (``fc``, ``weight``)."""
+    if name.startswith(_PARAMETRIZED[1:]) or _PARAMETRIZED in name:
+        head, _, rest = ("." + name).rpartition(_PARAMETRIZED)
+        return head[1:], rest.split(".", 1)[0]
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def is_token(name: str) -> bool:
+    """Whether parameter `name` is a token or an embedding that a module owns directly (see TOKEN_ENDINGS)."""
+    leaf = _leaf(name)[1].lower()
+    return leaf not in ("weight", "bias") and any(leaf == e or leaf.endswith("_" + e) for e in TOKEN_ENDINGS)
+
+
+def tied(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """Every trainable tensor registered under several names (tied weights: a language model's output layer
+    sharing its token embedding, a module used under two names): (the name it goes by here, as
+    ``named_parameters()`` gives it first, and its other names)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(n)
+    return [(ns[0], tuple(ns[1:])) for ns in names.values() if len(ns) > 1]
+
+
+def tied_description(model: nn.Module) -> str:
+    """The tied tensors of `model` in words, each alias named as the tensor it is: "lm_head.weight = wte.weight"
+    (several separated by "; "), or "" when none is tied."""
+    return "; ".join(f"{' = '.join(aliases)} = {name}" for name, aliases in tied(model))
+
+
 def tensor_kind(name: str) -> str:
-    """'weight', 'bias' or 'other' from a parameter's name."""
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf if leaf in ("weight", "bias") else "other"
+    """'weight', 'bias' or 'other' from a parameter's name.
+
+    ``weight`` and ``bias``, and the names those go by in some modules (WEIGHT_ALIASES, BIAS_ALIASES,
+    parametrized tensors), are weights and biases; everything else (LayerNorm's are its weight and bias; class
+    and position tokens, ``bias_k``…) is "other".
+    """
+    leaf = _leaf(name)[1]
+    if leaf in ("weight", *WEIGHT_ALIASES):
+        return "weight"
+    if leaf in ("bias", *BIAS_ALIASES):
+        return "bias"
+    return "other"
 
 
 def owner(name: str) -> str:
-    """The module that owns parameter `name` ('' for a parameter of the root module)."""
-    return name.rsplit(".", 1)[0] if "." in name else ""
+    """The module that owns parameter `name` (its layer).
+
+    '' for a weight, bias or other parameter of the root module, except a token or embedding the root owns
+    directly (``cls_token``, ``pos_embed``, see :func:`is_token`), which is its own layer, named by itself; the
+    module a parametrized tensor belongs to (``fc`` for ``fc.parametrizations.weight.original0``).
+    """
+    module = _leaf(name)[0]
+    if not module and is_token(name):
+        return name
+    return module
 
 
 def make_partition(model: nn.Module, kind: str = "canonical") -> Partition:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from curvscope.curvature.objective import Batch, Objective
+from curvscope.curvature.objective import Batch, Objective, OutputKey
 from curvscope.curvature.operator import full_gradient
 from curvscope.curvature.partition import Partition, make_partition, trainable
 from curvscope.sources.losses import LossFn
@@ -17,15 +17,17 @@ from curvscope.sources.losses import LossFn
 def loss_after_steps(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], partition: str | Partition,
                      learning_rates: Sequence[np.ndarray], *, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None,
-                     gradient: tuple[list[torch.Tensor], float] | None = None) -> tuple[float, np.ndarray]:
+                     gradient: tuple[list[torch.Tensor], float] | None = None, output_key: OutputKey = None,
+                     batchnorm: str = "eval") -> tuple[float, np.ndarray]:
     """L(θ) and L(θ − Σ_s η_s U_s) for each η in `learning_rates`, with u = g = ∇L(θ) (eval mode).
 
     The model is copied; the caller's weights are never changed. A step whose
     loss is not finite gives inf (the quadratic model failed badly there).
     `gradient` = (g, L(θ)) when already computed (float64, on the model's device), else computed here.
+    `output_key` and `batchnorm` are the objective's (see :class:`curvscope.curvature.objective.Objective`).
     """
     model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    obj = Objective.create(model, loss_fn, batches)
+    obj = Objective.create(model, loss_fn, batches, output_key=output_key, batchnorm=batchnorm)
     part = partition if isinstance(partition, Partition) else make_partition(model, partition)
     params = [p for _, p in trainable(model)]
     u, loss0 = gradient if gradient is not None else full_gradient(obj, params)

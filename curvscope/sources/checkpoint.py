@@ -172,8 +172,23 @@ def _model_with_weights(name: str, kwargs: dict, state_dict: dict, path: Path) -
     return model
 
 
+STATISTICS = ("running_mean", "running_var")  # buffers of normalisation layers, which enter the loss in eval mode
+
+
+def checked_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of `model` that must be finite: every parameter (trainable or frozen) and the statistics that
+    enter the loss (BatchNorm's running mean and variance, found by module or, in an exported program, by
+    name). Other buffers are not checked: a causal mask of -inf above the diagonal is legitimate, and a buffer
+    that does make the loss NaN or infinite is caught when the loss is evaluated."""
+    out: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+    for name, buf in model.named_buffers():
+        if name.rpartition(".")[2] in STATISTICS:
+            out.append((name, buf))
+    return out
+
+
 def _check_finite(model: nn.Module, path: Path) -> None:
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in checked_tensors(model) if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CurvscopeError(f"{str(path)!r} has NaN or infinite values in {', '.join(bad)}.")
 
@@ -207,6 +222,7 @@ def load_checkpoint(path: str | Path, *, model: str | None = None, model_kwargs:
     obj = _read(path, trust)
     if isinstance(obj, nn.Module):
         name = model or type(obj).__name__
+        _check_finite(obj, path)
         return Checkpoint(model=obj.eval(), loss_fn=build_loss(
             loss or "cross_entropy"), loss=loss or "cross_entropy", model_name=name, model_kwargs={},
             data=dict(data or {}), source=str(path), sha256=file_sha256(path))
