@@ -19,10 +19,18 @@ import torch
 from curvscope import __version__
 from curvscope.curvature.kfac import kfac
 from curvscope.curvature.kinds import KFAC_FLAVOUR_OF, record_label
-from curvscope.curvature.newton_step import newton_step
-from curvscope.curvature.objective import Objective, Progress, no_progress
+from curvscope.curvature.newton_step import collinear_description, collinear_groups, newton_step
+from curvscope.curvature.objective import (
+    Objective,
+    OutputKey,
+    Progress,
+    batchnorm_modules,
+    no_progress,
+    output_description,
+    raw_outputs,
+)
 from curvscope.curvature.operator import CurvatureOperator, full_gradient
-from curvscope.curvature.partition import Partition, make_partition
+from curvscope.curvature.partition import Partition, make_partition, tied_description
 from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.spectrum import spectrum
 from curvscope.curvature.step_loss import loss_after_steps
@@ -82,8 +90,13 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "device": str(device), "dtype": options.dtype, "torch_version": str(torch.__version__),
         "curvscope_version": __version__,
         "frozen": ", ".join(n for n, p in ckpt.model.named_parameters() if not p.requires_grad),
-        "determinism_warning": determinism_warning(model, ckpt.loss_fn, batches[0]) or "",
+        "determinism_warning": determinism_warning(model, ckpt.loss_fn, batches[0], output_key=options.output_key,
+                                                   batchnorm=options.batchnorm) or "",
         "attention": attention_note(model),
+        "outputs": outputs_note(model, batches[0], options.output_key, options.batchnorm),
+        "tied": tied_description(model),
+        "batchnorm": options.batchnorm if batchnorm_modules(model) else "",
+        "batchnorm_warning": batchnorm_warning(model, ckpt.loss_fn, batches, options.output_key, options.batchnorm),
     }
     part = make_partition(model, options.partition)
     gradient, gradient_s = None, 0.0
@@ -91,6 +104,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     for curvature in options.curvatures:
         with curvature_operator(model, ckpt.loss_fn, batches, curvature, max_memory=options.max_memory,
                                 progress=progress) as op:
+            op.obj.configure(options.output_key, options.batchnorm)  # every engine sees them through op.obj
             if gradient is None:  # one pass, shared by the curvatures
                 gradient_s = time.perf_counter()
                 gradient = full_gradient(op.obj, op.params, progress)
@@ -99,21 +113,25 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
             pseudo = op.projection(part, strategy=options.strategy, gradient=gradient, progress=progress)
             pseudo_s = time.perf_counter() - pseudo_s
             step = newton_step(pseudo.pseudo_hessian, pseudo.pseudo_gradient)
+            collinear = "" if step.method == "inverse" else collinear_description(
+                [str(n) for n in pseudo.names], collinear_groups(pseudo.pseudo_hessian, pseudo.pseudo_gradient))
             inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr,
                                  step.inverse, pseudo.kinds, pseudo.layers, step.positive_definite)
             kfac_parts, kfac_note = _kfac(op, part, gradient[0], pseudo, step, options, progress)
             spec = None if not options.spectrum else spectrum(
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
-                seed=options.seed, progress=progress)
+                seed=options.seed, blocks=options.block_spectra, progress=progress)
         etas = [st.learning_rates for st in inter.steps]
         if kfac_parts is not None:
             etas.append(kfac_parts.measures.step.learning_rates)
-        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, etas, gradient=gradient)
+        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, etas, gradient=gradient,
+                                    output_key=options.output_key, batchnorm=options.batchnorm)
         kf = None if kfac_parts is None else replace(kfac_parts, actual_decrease=pseudo.loss - float(after[-1]))
         attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
                  "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
-                 "kfac_note": kfac_note,
+                 "kfac_note": kfac_note, "collinear": collinear,
+                 "batchnorm_note": batchnorm_note(curvature, kf is not None) if common["batchnorm"] == "batch" else "",
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "gradient_s": gradient_s, "pseudo_s": pseudo_s, "elapsed_s": time.perf_counter() - start}
         records.append(AnalysisRecord(record_label(label or default_label(path), curvature), attrs, pseudo, step,
@@ -168,14 +186,15 @@ def _prepare(path: str | Path, options: AnalysisOptions,
     return ckpt, batches, model, device
 
 
-def determinism_warning(model: torch.nn.Module, loss_fn: LossFn,
-                        batch: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+def determinism_warning(model: torch.nn.Module, loss_fn: LossFn, batch: tuple[torch.Tensor, torch.Tensor], *,
+                        output_key: OutputKey = None, batchnorm: str = "eval") -> str | None:
     """A warning when two eval-mode passes over the same batch give different losses (else None).
 
     Curvature assumes a deterministic loss; dropout left active in eval mode, or
     a model that updates state in forward, breaks that.
     """
-    obj = Objective.create(copy.deepcopy(model).eval(), loss_fn, [batch])  # a copy: forward may update state
+    obj = Objective.create(copy.deepcopy(model).eval(), loss_fn, [batch],  # a copy: forward may update state
+                           output_key=output_key, batchnorm=batchnorm)
     with torch.no_grad():
         try:
             a, b = (float(obj.batch_loss(0, finite=False)) for _ in range(2))
@@ -186,6 +205,83 @@ def determinism_warning(model: torch.nn.Module, loss_fn: LossFn,
                 f"the model is not deterministic (dropout or state updated in forward?), so the curvature "
                 f"is of a random function.")
     return None
+
+
+def outputs_note(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], output_key: OutputKey,
+                 batchnorm: str) -> str:
+    """Which entry of the model's output the curvature is of ("'logits' of a CausalLMOutput (tensor (4, 7, 50))"),
+    or "" when the model returns a tensor (or cannot be evaluated: the engines report that themselves)."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            x = Objective.create(model, lambda z, y: z, [batch]).place(batch[0])
+            return output_description(raw_outputs(model.eval(), x, batchnorm=batchnorm), output_key)
+    except Exception:  # noqa: BLE001 - the model is the user's code; its errors are reported by the engines
+        return ""
+    finally:
+        model.train(was)
+
+
+BATCHNORM_RATIO, BATCHNORM_GAP = 2.0, 1.0  # the eval-mode loss is far from the batch-statistics loss beyond these
+
+
+def batchnorm_warning(model: torch.nn.Module, loss_fn: LossFn, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      output_key: OutputKey = None, batchnorm: str = "eval") -> str:
+    """A warning when BatchNorm's running statistics give a loss far from the one each batch's own statistics give
+    (one larger than the other by a factor over BATCHNORM_RATIO, or by more than BATCHNORM_GAP nats), else "".
+
+    Running statistics that do not describe the analysed data (stale, or never updated because training ran in
+    eval mode) make the eval-mode loss, and its curvature, those of another function than the one trained.
+    Only for models with a BatchNorm layer that keeps running statistics; neither pass changes them.
+    """
+    if not any(m.track_running_stats and m.running_mean is not None for _, m in batchnorm_modules(model)):
+        return ""
+    was = model.training
+    model.eval()
+    losses = []
+    try:
+        with torch.no_grad():
+            for mode in ("eval", "batch"):
+                obj = Objective.create(model, loss_fn, batches, output_key=output_key, batchnorm=mode)
+                losses.append(sum(w * float(obj.batch_loss(b, finite=False)) for b, w in enumerate(obj.weights)))
+    except CurvscopeError:
+        return ""  # the engines report evaluation errors themselves
+    finally:
+        model.train(was)
+    running, own = losses
+    why = batchnorm_gap(running, own)
+    if not why:
+        return ""
+    analysed = ("running statistics (--batchnorm eval; --batchnorm batch analyses the other)" if batchnorm == "eval"
+                else "each batch's own statistics (--batchnorm batch)")
+    return (f"the loss with BatchNorm's running statistics ({running:.4g}) is far from the loss with each batch's "
+            f"own statistics ({own:.4g}): {' and '.join(why)}. The running statistics do not describe this data "
+            f"(stale, or not updated during training?); this record is of the loss with {analysed}.")
+
+
+def batchnorm_gap(running: float, own: float) -> list[str]:
+    """Why the loss with running statistics and the loss with each batch's own are far apart, one reason per
+    criterion that holds ("ratio 238 > 2", "difference 713 > 1", or one of them not finite); [] when near."""
+    if math.isfinite(running) != math.isfinite(own):
+        return ["one of them is not finite"]
+    why = []
+    if min(running, own) > 0 and max(running, own) / min(running, own) > BATCHNORM_RATIO:
+        why.append(f"ratio {max(running, own) / min(running, own):.3g} > {BATCHNORM_RATIO:g}")
+    if math.isfinite(running) and abs(running - own) > BATCHNORM_GAP:
+        why.append(f"difference {abs(running - own):.3g} > {BATCHNORM_GAP:g}")
+    return why
+
+
+def batchnorm_note(curvature: str, with_kfac: bool) -> str:
+    """What --batchnorm batch means for a record of `curvature` (with K-FAC beside it or not)."""
+    note = ("BatchNorm used each batch's own statistics (--batchnorm batch): a sample's outputs depend on the rest "
+            "of its batch, so the loss and its curvature depend on the batch size and order")
+    if curvature == "fisher":
+        note += ("; the Fisher's per-sample losses are each sample's loss within its batch, not alone, so F only "
+                 "approximates the Fisher of independent samples")
+    if with_kfac:
+        note += "; K-FAC's per-sample factors ignore the coupling of samples through the statistics (approximate)"
+    return note
 
 
 def attention_note(model: torch.nn.Module) -> str:

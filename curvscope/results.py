@@ -83,9 +83,13 @@ class EigenResult:
 class TraceResult:
     """tr(H) or of a diagonal block, with its standard error (0 when computed exactly).
 
-    `method`: "hutch++"; "exact" (Σ_i e_iᵀHe_i, for blocks of at most `matvecs`
-    scalars); or "sum of tensor blocks" (a layer's trace is exactly the sum of
-    its tensors' traces; standard errors add in quadrature).
+    `method`: "hutch++"; "exact" (Σ_i e_iᵀHe_i, for operators of at most `matvecs`
+    scalars); "hutch++ (shared products)" (a block's share of the whole model's
+    Hutch++ products, with the sample standard error of its Hutchinson part: see
+    curvscope.curvature.hutchpp.hutchpp_parts); or, in files of an older
+    curvscope, "sum of tensor blocks" (a layer's trace as the sum of its tensors'
+    traces; standard errors added in quadrature). `matvecs`: the products the
+    estimate used (for a shared estimate, the whole model's).
     """
 
     value: float
@@ -122,12 +126,12 @@ class DensityResult:
 
 @dataclass(frozen=True)
 class BlockSpectrum:
-    """The top eigenvalues and the trace of one diagonal block H_BB."""
+    """The trace and (unless not asked for: None) the top eigenvalues of one diagonal block H_BB."""
 
     group: str
     kind: str  # "tensor" | "layer"
     names: np.ndarray  # the tensors in the block
-    top: EigenResult
+    top: EigenResult | None
     trace: TraceResult
 
 

@@ -22,7 +22,7 @@ DATASETS = ["partition/name", "partition/kind", "partition/layer", "partition/si
 
 SPECTRUM = ["top/values", "top/residuals", "top/converged", "bottom/values", "bottom/residuals", "bottom/converged",
             "density/grid", "density/density", "density/nodes", "density/weights", "trace", "trace_stderr",
-            "normalized_pseudo_hessian_eigenvalues", "blocks/net.1.weight/top/values", "blocks/net.1.weight/trace",
+            "normalized_pseudo_hessian_eigenvalues", "blocks/net.1/top/values", "blocks/net.1.weight/trace",
             "blocks/net.1.weight/trace_stderr", "blocks/net.1/top/converged", "blocks/net.1/names"]
 
 INTERACTIONS = ["hessian/normalized", "hessian/off_block_ratio", "hessian/distance_mean", "hessian/distance_max",
@@ -60,7 +60,8 @@ def test_layout_of_schema_v1(tmp_path: Path, record) -> None:
         assert list(grp["spectrum/blocks"].attrs["order"]) == ["net.1.weight", "net.1.bias", "net.3.weight",
                                                                "net.3.bias", "net.1", "net.3"]
         assert grp["spectrum/blocks/net.1"].attrs["kind"] == "layer"
-        assert grp["spectrum/blocks/net.1/trace"].attrs["method"] == "sum of tensor blocks"
+        assert grp["spectrum/blocks/net.1/trace"].attrs["method"] == "hutch++ (shared products)"
+        assert "spectrum/blocks/net.1.weight/top" not in grp  # --block-spectra layer: eigenvalues of layers only
         for name in INTERACTIONS:
             assert f"interactions/{name}" in grp, name
         assert grp["interactions/hessian/off_block_ratio"].shape == (2, 4)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from curvscope.analysis import AnalysisRecord
     from curvscope.results import EigenResult, SpectrumResult
 
-SCALE_CHOICE = click.Choice(["linear", "symlog", "normalized"])
+SCALE_CHOICE = click.Choice(["linear", "symlog", "normalized", "layers"])  # figures.heatmaps.SCALES
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -210,6 +210,8 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
             click.echo(f"{label}: {spectrum_summary(record.spectrum, curvature_kind(a['curvature']).short)}")
         if s.excluded.any():
             click.echo(f"{label}: zero gradient, excluded from the inverse: {', '.join(p.names[s.excluded])}")
+        if a.get("collinear"):
+            click.echo(f"{label}: {bar} is singular; collinear groups: {a['collinear']}")
         if record.kfac is not None:
             k, layer = record.kfac, record.interactions.step("hessian", "layer")
             exact = f"; kept exact (no K-FAC rule): {', '.join(k.exact)}" if k.exact else ""
@@ -220,8 +222,15 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
             click.echo(f"{label}: {a['kfac_note']}")
         if a["attention"]:
             click.echo(f"{label}: {a['attention']}.")
-    if a["determinism_warning"]:
-        click.echo(f"curvscope: warning: {label}: {a['determinism_warning']}", err=True)
+        if a.get("tied"):
+            click.echo(f"{label}: tied (one tensor under several names, analysed once): {a['tied']}")
+        if a.get("outputs"):
+            click.echo(f"{label}: predictions: {a['outputs']}")
+        if a.get("batchnorm_note"):
+            click.echo(f"{label}: {a['batchnorm_note']}.")
+    for key in ("determinism_warning", "batchnorm_warning"):
+        if a.get(key):
+            click.echo(f"curvscope: warning: {label}: {a[key]}", err=True)
 
 
 @main.command(name="render")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
-from curvscope.curvature.hutchpp import hutchpp
+from curvscope.curvature.hutchpp import hutchpp, hutchpp_parts
 from curvscope.curvature.kinds import DEFAULT_CURVATURE
 from curvscope.curvature.lanczos import extreme_eigenpairs, quadrature, random_start
 from curvscope.curvature.objective import Batch, Progress, no_progress
@@ -136,17 +136,45 @@ def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Ite
         return block_density(op.operator(group), runs, steps, width=width, seed=seed)
 
 
+BLOCK_SPECTRA = ("layer", "tensor", "off")
+
+
+def eigen_blocks(hp: CurvatureOperator, blocks: str) -> list[str]:
+    """The blocks whose top eigenvalues `blocks` asks for: every layer ("layer": each module's tensors together,
+    and each tensor that is the only one of its module), every tensor and layer ("tensor"), or none ("off")."""
+    if blocks not in BLOCK_SPECTRA:
+        raise CurvscopeError(f"block spectra must be one of {', '.join(BLOCK_SPECTRA)}, not {blocks!r}.")
+    groups = hp.groups()
+    if blocks == "off":
+        return []
+    if blocks == "tensor":
+        return list(groups)
+    in_layers = {i for name, indices in groups.items() if not _is_tensor(hp, name, indices) for i in indices}
+    return [name for name, indices in groups.items()
+            if not _is_tensor(hp, name, indices) or indices[0] not in in_layers]
+
+
+def _is_tensor(hp: CurvatureOperator, name: str, indices: list[int]) -> bool:
+    return len(indices) == 1 and name == hp.names[indices[0]]
+
+
 def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
              slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS,
-             seed: int = 0,
-             blocks: bool = True, progress: Progress = no_progress) -> SpectrumResult:
-    """Top and bottom k eigenvalues, trace and density of C; top k eigenvalues and trace of every block.
+             seed: int = 0, blocks: str | bool = "layer", progress: Progress = no_progress) -> SpectrumResult:
+    """Top and bottom k eigenvalues, trace and density of C; the trace of every diagonal block and the top k
+    eigenvalues of the blocks `blocks` names (see :func:`eigen_blocks`; True: "tensor", False: "off").
 
-    Blocks are every parameter tensor and every layer (module with several tensors).
+    Blocks are every parameter tensor and every layer (module with several tensors), tensors first.
+    Every block's trace comes from the products of the whole model's Hutch++ trace (see
+    :func:`curvscope.curvature.hutchpp.hutchpp_parts`): tracing the blocks costs no product, and the
+    block traces add up to the whole model's. Only the blocks' Lanczos runs grow with their number.
     """
+    if isinstance(blocks, bool):
+        blocks = "tensor" if blocks else "off"
     start = time.perf_counter()
-    groups = hp.groups() if blocks else {}
-    total, done = 4 + 2 * len(groups), 0
+    groups = hp.groups()
+    wanted = set(eigen_blocks(hp, blocks))
+    total, done = 4 + len(wanted), 0
 
     def step() -> None:
         nonlocal done
@@ -158,24 +186,24 @@ def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max
     step()
     bottom = block_eigenvalues(whole, k, "smallest", tol=tol, max_steps=max_steps, seed=seed)
     step()
-    tr = block_trace(whole, trace_matvecs, seed=seed)
+    shared = hutchpp_parts(whole.matvec, whole.dim, trace_matvecs, [p.numel() for p in hp.params],
+                           generator=_generator(seed, "trace:"), device=whole.device)
+    tr = TraceResult(shared.value, shared.stderr, "exact" if shared.exact else "hutch++", shared.products, "",
+                     whole.dim, seed)
     step()
     density = block_density(whole, slq_runs, slq_steps, seed=seed)
     step()
-    out, traces = [], {}
+    out = []
+    method = "exact" if shared.exact else "hutch++ (shared products)"
     for name, indices in groups.items():  # tensors first, then layers
         op = hp.operator(name)
-        t = block_eigenvalues(op, k, "largest", tol=tol, max_steps=max_steps, seed=seed, group=name)
-        step()
-        if len(indices) == 1 and name == hp.names[indices[0]]:
-            kind, traces[indices[0]] = "tensor", block_trace(op, trace_matvecs, seed=seed, group=name)
-            tr_block = traces[indices[0]]
-        else:
-            parts = [traces[i] for i in indices]
-            kind = "layer"
-            tr_block = TraceResult(sum(p.value for p in parts), float(np.sqrt(sum(p.stderr ** 2 for p in parts))),
-                                   "sum of tensor blocks", 0, name, op.dim, seed)
-        out.append(BlockSpectrum(name, kind, np.asarray(op.names, dtype=str), t, tr_block))
-        step()
+        value, stderr = shared.block(indices)
+        t = None
+        if name in wanted:
+            t = block_eigenvalues(op, k, "largest", tol=tol, max_steps=max_steps, seed=seed, group=name)
+            step()
+        out.append(BlockSpectrum(name, "tensor" if _is_tensor(hp, name, indices) else "layer",
+                                 np.asarray(op.names, dtype=str), t,
+                                 TraceResult(value, stderr, method, shared.products, name, op.dim, seed)))
     return SpectrumResult(top, bottom, density, tr, out, hp.mode, hp.graph_bytes, hp.count,
                           time.perf_counter() - start)

@@ -54,8 +54,20 @@ def _blocks(stored: StoredCheckpoint, kind: str) -> list[str]:
             if stored.data_attrs.get(f"spectrum/blocks/{g}", {}).get("kind") == kind]
 
 
+def _top(stored: StoredCheckpoint, group: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The block's stored top eigenvalues and their convergence flags; None when not computed (--block-spectra)."""
+    values = stored.data.get(f"spectrum/blocks/{group}/top/values")
+    if values is None:
+        return None
+    return np.asarray(values), np.asarray(stored[f"spectrum/blocks/{group}/top/converged"], dtype=bool)
+
+
 def blocks_figure(stored: StoredCheckpoint) -> Figure:
-    """Top-k eigenvalues (hollow: not converged) and Hutch++ traces (± 1 stderr) of every diagonal block C_BB."""
+    """Top-k eigenvalues (hollow: not converged; where computed) and traces (± 1 stderr) of every diagonal block C_BB.
+
+    Every block has a trace; its eigenvalues may be absent (`--block-spectra layer` computes them for layers only,
+    `off` for none), so a block's column may be empty above its trace, and a kind without any says so.
+    """
     kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
     c_bb = f"{matrix_names(stored).symbol}_BB"
     fig = Figure(figsize=(4.2 + 0.45 * max(len(_blocks(stored, k)) for k in kinds) * len(kinds), 6.4),
@@ -65,23 +77,32 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
         groups = _blocks(stored, kind)
         x = np.arange(len(groups))
         ax = axes[0, c]
+        tops = {g: t for g in groups if (t := _top(stored, g)) is not None}
         for i, g in enumerate(groups):
-            vals, conv = stored[f"spectrum/blocks/{g}/top/values"], stored[f"spectrum/blocks/{g}/top/converged"]
+            if g not in tops:
+                continue
+            vals, conv = tops[g]
             ax.scatter(np.full(len(vals), i)[conv], vals[conv], color="#b2182b", s=22, zorder=3)
             ax.scatter(np.full(len(vals), i)[~conv], vals[~conv], facecolor="none", edgecolor="#b2182b", s=22, zorder=3)
-        every = np.concatenate([stored[f"spectrum/blocks/{g}/top/values"] for g in groups])
-        if np.all(every > 0):
-            ax.set_yscale("log")
-        else:
-            ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
         ax.set_title(f"top eigenvalues of each {kind} block", fontsize=10)
-        ax.set_ylabel(f"eigenvalue of {c_bb}")
+        if tops:
+            every = np.concatenate([v for v, _ in tops.values()])
+            if np.all(every > 0):
+                ax.set_yscale("log")
+            else:
+                ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
+            ax.set_ylabel(f"eigenvalue of {c_bb}")
+        else:
+            ax.text(0.5, 0.5, f"not computed\n(--block-spectra {kind} computes them)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="0.35")
+            ax.set_yticks([])
+        ax.set_xlim(-0.6, len(groups) - 0.4)
         tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups])
         se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups])
         axes[1, c].bar(x, tr, yerr=se, color="#4393c3", ecolor="black", capsize=3)
         axes[1, c].set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
         axes[1, c].set_ylabel(f"tr({c_bb})")
-        if np.all(tr > 0):
+        if np.all(tr - se > 0):
             axes[1, c].set_yscale("log")
         for ax in axes[:, c]:
             ax.set_xticks(x, groups, rotation=90, fontsize=8)

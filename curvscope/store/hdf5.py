@@ -199,9 +199,10 @@ def _write_spectrum(grp: h5py.Group, spec: SpectrumResult, pseudo_hessian: np.nd
     blocks.attrs.create("order", data=[b.group for b in spec.blocks], dtype=STR)
     for b in spec.blocks:
         bg = blocks.create_group(b.group)
-        bg.attrs.update({"kind": b.kind, "dim": b.top.dim})
+        bg.attrs.update({"kind": b.kind, "dim": b.trace.dim})
         bg.create_dataset("names", data=b.names.astype(object), dtype=STR)
-        _write_eigen(bg.create_group("top"), b.top)
+        if b.top is not None:  # None: eigenvalues not asked for (--block-spectra)
+            _write_eigen(bg.create_group("top"), b.top)
         _write_trace(bg, b.trace)
 
 
@@ -301,11 +302,23 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     excluded = ck.data_attrs["pseudo_hessian_inverse"]["excluded"]
     if len(excluded):
         lines.append("  zero gradient, excluded from the inverse: " + ", ".join(excluded))
+    if a.get("collinear"):
+        lines.append(f"  {stored_kind(ck.attrs).bar} is singular; collinear groups: {a['collinear']}")
     lines += _kfac_lines(ck)
     if a.get("frozen"):
         lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
-    if a.get("determinism_warning"):
-        lines.append(f"  warning: {a['determinism_warning']}")
+    if a.get("tied"):
+        lines.append(f"  tied (one tensor under several names, analysed once): {a['tied']}")
+    if a.get("outputs"):
+        lines.append(f"  predictions: {a['outputs']}")
+    if a.get("batchnorm"):
+        stats = "the running ones (eval)" if a["batchnorm"] == "eval" else "each batch's own (batch)"
+        lines.append(f"  BatchNorm statistics: {stats}")
+    if a.get("batchnorm_note"):
+        lines.append(f"  note: {a['batchnorm_note']}")
+    for key in ("determinism_warning", "batchnorm_warning"):
+        if a.get(key):
+            lines.append(f"  warning: {a[key]}")
     bar_ss = stored_kind(ck.attrs).bar + "_ss"
     lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {bar_ss:>11s} {'η*_s':>11s}")
     for i, name in enumerate(ck["partition/name"]):
@@ -357,4 +370,25 @@ def _spectrum_lines(ck: StoredCheckpoint) -> list[str]:
     sa = ck.data_attrs["spectrum"]
     lines.append(f"  {short} trace {ck['spectrum/trace']:.5g} ± {ck['spectrum/trace_stderr']:.2g}; "
                  f"{sa['products']} {short}-vector products ({sa['hvp_mode']}), {sa['elapsed_s']:.1f} s")
+    return lines + _block_lines(ck)
+
+
+def _block_lines(ck: StoredCheckpoint) -> list[str]:
+    """Each diagonal block's trace and, where stored (all blocks in older files), its largest eigenvalue."""
+    order = [str(g) for g in np.atleast_1d(ck.data_attrs.get("spectrum/blocks", {}).get("order", []))]
+    if not order:
+        return []
+    b = "spectrum/blocks/"
+    methods = sorted({str(ck.data_attrs[f"{b}{g}/trace"]["method"]) for g in order})
+    with_top = [g for g in order if f"{b}{g}/top/values" in ck.data]
+    lines = [f"  diagonal blocks: traces of {len(order)} ({'; '.join(methods)}), top eigenvalues of {len(with_top)}",
+             f"  {'block':24s} {'kind':6s} {'dim':>9s} {'trace':>11s} {'± s.e.':>9s} {'λ_max':>11s}"]
+    for g in order:
+        top = "—"
+        if g in with_top:
+            top = f"{ck[b + g + '/top/values'][0]:.4g}" + ("" if ck[b + g + "/top/converged"][0] else "*")
+        lines.append(f"  {g:24s} {ck.data_attrs[b + g]['kind']:6s} {int(ck.data_attrs[b + g]['dim']):9d} "
+                     f"{float(ck[b + g + '/trace']):11.4g} {float(ck[b + g + '/trace_stderr']):9.2g} {top:>11s}")
+    if any(not ck[b + g + "/top/converged"][0] for g in with_top):
+        lines.append("  * not converged")
     return lines

@@ -13,7 +13,7 @@ attributes except scalar strings, numbers and flags (a newer writer's), which ar
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOUR_OF, KFAC_FLAVOURS, KFAC_RULES, KINDS
@@ -161,7 +161,9 @@ INTERACTIONS = Group(
 )
 
 BLOCK = Group(attrs={"kind": Attr(STR, choices=("tensor", "layer")), "dim": Attr(INT)},
-              members={"names": Data(STR, (None,)), "top": _eigen(), **TRACE})
+              # top/ is absent for blocks whose eigenvalues were not asked for (--block-spectra); older files
+              # have it in every block
+              members={"names": Data(STR, (None,)), "top": replace(_eigen(), optional=True), **TRACE})
 
 SPECTRUM = Group(
     optional=True,  # absent with --no-spectrum
@@ -186,7 +188,10 @@ CHECKPOINT = Group(
         **{name: Attr(STR, required=False) for name in (
             "source", "sha256", "model", "model_kwargs", "dataset", "dataset_kwargs", "split", "loss",
             "direction", "partition", "device", "dtype", "strategy", "torch_version", "curvscope_version",
-            "created", "subset", "frozen", "determinism_warning", "attention", "kfac_note")},
+            "created", "subset", "frozen", "determinism_warning", "attention", "kfac_note",
+            # issue #16: which output entry was analysed, tied tensors ("alias = name; …"), the BatchNorm mode
+            # (eval | batch, "" without BatchNorm) with its warning and note, the groups that make C̄ singular
+            "outputs", "tied", "batchnorm", "batchnorm_warning", "batchnorm_note", "collinear")},
         "curvature": Attr(STR, required=False, choices=tuple(KINDS)),  # absent in older files: the Hessian
         **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed")},
         **{name: Attr(FLOAT, required=False) for name in ("loss_value", "gradient_s", "pseudo_s", "elapsed_s")},
