@@ -121,7 +121,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
             spec = None if not options.spectrum else spectrum(
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
-                seed=options.seed, blocks=options.block_spectra, progress=progress)
+                seed=options.seed, blocks=options.block_spectra, max_memory=options.max_memory, progress=progress)
         etas = [st.learning_rates for st in inter.steps]
         if kfac_parts is not None:
             etas.append(kfac_parts.measures.step.learning_rates)

@@ -148,6 +148,8 @@ class SpectrumResult:
     graph_bytes: int
     products: int  # Hessian-vector products made in all
     elapsed_s: float
+    lanczos_basis: int = 0  # the most Lanczos vectors a run held
+    vector_bytes: int = 0  # the most memory the Lanczos and SLQ vectors held at once
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,9 @@ class AnalysisOptions:
                                           "(top eigenvalues of each tensor as well), or off.", "choice",
                                  choices=("layer", "tensor", "off"))
     top_k: int = setting(5, "Eigenvalues at each end of the spectrum (top only for blocks).", "count", low=1)
-    lanczos_steps: int = setting(DEFAULT_STEPS, "Most Lanczos steps per run (runs stop earlier once residuals are "
-                                                "small); also the SLQ steps.", "count", low=1)
+    lanczos_steps: int = setting(DEFAULT_STEPS, "Lanczos products each eigenvalue run may use at least (restarted "
+                                                "runs go on to 20 x their basis until converged; they stop once "
+                                                "residuals are small); the SLQ steps.", "count", low=1)
     lanczos_tol: float = setting(DEFAULT_TOL, "An eigenvalue is converged when its residual is at most this times "
                                               "the operator's norm.", "number", high=1, open_low=True)
     slq_runs: int = setting(1, "Probe vectors of the SLQ density.", "count", low=1)
@@ -99,8 +100,9 @@ class AnalysisOptions:
                                                 "steps, pixels of a convolution): expand (each is a sample) or reduce "
                                                 "(summed out first).", "choice", choices=KFAC_APPROXIMATIONS)
     max_memory: int = setting(DEFAULT_MAX_MEMORY, "Keep the graphs of the analysis set for reuse when they fit "
-                                                  "this size (e.g. 512M, 2G); else recompute them.", "memory",
-                              low=1)
+                                                  "this size (e.g. 512M, 2G), else recompute them; the spectra's "
+                                                  "vectors must fit it too (the Lanczos basis shrinks to fit).",
+                              "memory", low=1)
 
     def __post_init__(self) -> None:
         """Refuse, before any work, a value outside its field's range or choices."""

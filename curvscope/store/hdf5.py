@@ -184,7 +184,8 @@ def _write_trace(grp: h5py.Group, t: TraceResult) -> None:
 
 def _write_spectrum(grp: h5py.Group, spec: SpectrumResult, pseudo_hessian: np.ndarray) -> None:
     grp.attrs.update({"hvp_mode": spec.mode, "graph_bytes": spec.graph_bytes, "products": spec.products,
-                      "elapsed_s": spec.elapsed_s})
+                      "elapsed_s": spec.elapsed_s, "lanczos_basis": spec.lanczos_basis,
+                      "vector_bytes": spec.vector_bytes})
     _write_eigen(grp.create_group("top"), spec.top)
     _write_eigen(grp.create_group("bottom"), spec.bottom)
     _write_trace(grp, spec.trace)

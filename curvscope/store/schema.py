@@ -167,7 +167,8 @@ BLOCK = Group(attrs={"kind": Attr(STR, choices=("tensor", "layer")), "dim": Attr
 
 SPECTRUM = Group(
     optional=True,  # absent with --no-spectrum
-    attrs={"hvp_mode": Attr(STR), "graph_bytes": Attr(INT), "products": Attr(INT), "elapsed_s": Attr(FLOAT)},
+    attrs={"hvp_mode": Attr(STR), "graph_bytes": Attr(INT), "products": Attr(INT), "elapsed_s": Attr(FLOAT),
+           "lanczos_basis": Attr(INT, required=False), "vector_bytes": Attr(INT, required=False)},
     members={
         "top": _eigen(),
         "bottom": _eigen(),
