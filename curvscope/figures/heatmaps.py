@@ -9,7 +9,13 @@ panel per row shows the whole matrix. Titles name the record's curvature
 
 Scales: ``linear``; ``symlog`` (linear within 10⁻³·max|M| of zero, logarithmic
 beyond); ``normalized``, N(M)_st = M_st / sqrt(|M_ss M_tt|), computed on the
-whole matrix before the blocks are cut out.
+whole matrix before the blocks are cut out; ``layers``, one L x L panel per
+matrix: the root mean square of N(M) over the block of each pair of layers,
+‖N(M)_ll'‖_F / sqrt(n_l n_l') (n_l: the groups of layer l), from 0 (white) up.
+
+With many groups (S = 30 … 300) the figure stays within MAX_INCHES (its PNG
+within 4000 pixels), tick labels are thinned to what fits (every k-th, layer
+boundaries first) and the name prefix all labels share is named once in the title.
 
 Figures are built as :class:`matplotlib.figure.Figure` objects, without pyplot:
 importing this module neither selects a backend nor touches pyplot's state.
@@ -24,14 +30,29 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, SymLogNorm
 from matplotlib.figure import Figure
 
-from curvscope.figures.titles import figure_title, matrix_names, trajectory_labels
+from curvscope.figures.output import MAX_INCHES
+from curvscope.figures.titles import (
+    common_prefix,
+    figure_title,
+    labels_that_fit,
+    matrix_names,
+    prefix_note,
+    strip_prefix,
+    thinned,
+    trajectory_labels,
+)
+from curvscope.measures.interactions import layer_index
 from curvscope.measures.normalized import normalized
 from curvscope.store.hdf5 import StoredCheckpoint
 
-SCALES = ("linear", "symlog", "normalized")
+SCALES = ("linear", "symlog", "normalized", "layers")
 SYMLOG_LINEAR_FRACTION = 1e-3
 CMAP = "RdBu_r"
-MAX_TICK_LABELS = 40  # beyond this many rows a panel has no tick labels
+LAYERS_CMAP = "Reds"  # the layers scale is ≥ 0
+LAYERS_DEFINITION = (r"layers: RMS of N(M) over each pair of layers' block, "
+                     r"$\Vert N(M)_{ll^{\prime}}\Vert_F\,/\,\sqrt{n_l\, n_{l^{\prime}}}$")
+FEW = 40  # up to this many rows a panel has every label and white lines between the cells
+RASTERIZE_CELLS = 10_000  # larger meshes (over 100 x 100) go into the PDF as an image at its DPI, the rest as vectors
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,12 @@ class Panel:
     values: np.ndarray
     rows: list[str]
     cols: list[str]
+    anchors: tuple[int, ...] = ()  # rows (and columns) that start a layer: labelled first when labels are thinned
+
+    def without(self, prefix: str) -> "Panel":
+        """The panel with `prefix` stripped from its labels."""
+        return Panel(self.title, self.values, strip_prefix(self.rows, prefix), strip_prefix(self.cols, prefix),
+                     self.anchors)
 
 
 def splits_weight_bias(kinds: np.ndarray, layers: np.ndarray) -> bool:
@@ -57,7 +84,7 @@ def blocks(matrix: np.ndarray, kinds: np.ndarray, layers: np.ndarray, names: np.
     """
     if not splits_weight_bias(kinds, layers):
         every = [str(n) for n in names]
-        return [Panel("all groups", matrix, every, every)]
+        return [Panel("all groups", matrix, every, every, layer_starts(layers))]
     w, b = np.flatnonzero(kinds == "weight"), np.flatnonzero(kinds == "bias")
     lw, lb = [str(layers[i]) for i in w], [str(layers[i]) for i in b]
     return [Panel("weight–weight", matrix[np.ix_(w, w)], lw, lw),
@@ -65,34 +92,68 @@ def blocks(matrix: np.ndarray, kinds: np.ndarray, layers: np.ndarray, names: np.
             Panel("weight–bias", matrix[np.ix_(w, b)], lw, lb)]
 
 
+def layer_starts(layers: np.ndarray) -> tuple[int, ...]:
+    """The groups that start a layer (the first of each run of one layer)."""
+    idx = layer_index(np.asarray(layers))
+    return tuple(int(i) for i in np.flatnonzero(np.diff(idx, prepend=-1) != 0))
+
+
+def layer_names(layers: np.ndarray) -> list[str]:
+    """The name of each layer, in order of first appearance ("(root)" for parameters of the model itself)."""
+    idx = layer_index(np.asarray(layers))
+    first = [int(np.flatnonzero(idx == k)[0]) for k in range(int(idx.max()) + 1 if idx.size else 0)]
+    return [str(layers[i]) or "(root)" for i in first]
+
+
+def layer_rms(matrix: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """(L, L): the root mean square of `matrix` over the block of each pair of layers.
+
+    Of N(M), ‖N(M)_ll'‖_F / sqrt(n_l n_l') for the n_l groups of layer l and n_l' of l'; non-finite entries
+    (groups without a scale-free value) are left out of their block's mean, and a block of nothing else is NaN.
+    """
+    idx = layer_index(np.asarray(layers))
+    L = int(idx.max()) + 1 if idx.size else 0
+    member = (idx[:, None] == np.arange(L)[None, :]).astype(float)  # (S, L)
+    finite = np.isfinite(matrix)
+    squares = np.where(finite, matrix, 0.0) ** 2
+    sums, counts = member.T @ squares @ member, member.T @ finite.astype(float) @ member
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, np.sqrt(sums / np.maximum(counts, 1)), np.nan)
+
+
 def _norm(values: np.ndarray, scale: str, vmax: float | None = None) -> Normalize:
     if vmax is None:
         finite = values[np.isfinite(values)]
         vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
+    if scale == "layers":
+        return Normalize(vmin=0.0, vmax=vmax)
     if scale == "symlog":
         return SymLogNorm(linthresh=SYMLOG_LINEAR_FRACTION * vmax, vmin=-vmax, vmax=vmax, base=10)
     return Normalize(vmin=-vmax, vmax=vmax)
 
 
 def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] | None,
-                 cols: list[str] | None, gridlines: float = 0.0, fmt: str = "%.2g") -> None:
+                 cols: list[str] | None, gridlines: float = 0.0, fmt: str = "%.2g", *,
+                 max_labels: int | None = None, anchors: Sequence[int] = (), cmap: str = CMAP) -> None:
     """`values` as square cells, row 0 at the top, with a colour bar beside `ax`.
 
     Non-finite entries are left undrawn and show the grey face of the axes. `rows`/`cols` label the
-    cell centres (None: no tick labels); `gridlines` is the width of the white lines between cells.
+    cell centres (None: no tick labels), at most `max_labels` of each (every k-th, the `anchors` first:
+    see :func:`~curvscope.figures.titles.thinned`); `gridlines` is the width of the white lines between cells.
     """
     nrows, ncols = values.shape
-    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=CMAP, norm=norm, edgecolors="white",
-                         linewidth=gridlines)
+    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=cmap, norm=norm, edgecolors="white",
+                         linewidth=gridlines, rasterized=values.size > RASTERIZE_CELLS)
     ax.set_xlim(0, ncols)
     ax.set_ylim(nrows, 0)  # row 0 at the top, as a matrix is written
     ax.set_aspect("equal")
     ax.set_facecolor("#bbbbbb")  # NaN entries (no scale-free value) show grey
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_xticks([] if cols is None else np.arange(ncols) + 0.5, [] if cols is None else cols)
-    ax.set_yticks([] if rows is None else np.arange(nrows) + 0.5, [] if rows is None else rows)
+    for labels, n, set_ticks in ((cols, ncols, ax.set_xticks), (rows, nrows, ax.set_yticks)):
+        shown = [] if labels is None else thinned(n, max_labels or n, anchors)
+        set_ticks(np.asarray(shown) + 0.5, [labels[i] for i in shown] if labels is not None else [])
     ax.tick_params(axis="x", labelrotation=90)
     ax.tick_params(axis="y", labelrotation=0)
     fig = ax.get_figure()
@@ -101,12 +162,13 @@ def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] 
     bar.outline.set_linewidth(0)
 
 
-def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None) -> None:
-    many = max(len(panel.rows), len(panel.cols)) > MAX_TICK_LABELS
-    draw_heatmap(ax, panel.values, _norm(panel.values, scale, vmax), None if many else panel.rows,
-                 None if many else panel.cols, gridlines=0.0 if many else 0.5,
-                 fmt="%.2g" if scale == "normalized" else "%.1e")
-    ax.tick_params(labelsize=8)
+def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None, max_labels: int | None = None) -> None:
+    many = max(len(panel.rows), len(panel.cols)) > FEW
+    size = 7 if many else 8
+    draw_heatmap(ax, panel.values, _norm(panel.values, scale, vmax), panel.rows, panel.cols,
+                 gridlines=0.0 if many else 0.5, fmt="%.2g" if scale in ("normalized", "layers") else "%.1e",
+                 max_labels=max_labels, anchors=panel.anchors, cmap=LAYERS_CMAP if scale == "layers" else CMAP)
+    ax.tick_params(labelsize=size)
     colorbar = ax.collections[0].colorbar
     assert colorbar is not None  # draw_heatmap added one
     colorbar.ax.tick_params(labelsize=8)
@@ -118,9 +180,13 @@ def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None) -> None
 def _rows(stored: StoredCheckpoint, scale: str) -> list[tuple[str, list[Panel]]]:
     """(name, panels) for C̄ and for C̄⁻¹ (or C̄⁺ when the pseudo-inverse was used)."""
     groups = stored["partition/kind"], stored["partition/layer"], stored["partition/name"]
-    names, norm = matrix_names(stored), scale == "normalized"
+    names, norm = matrix_names(stored), scale in ("normalized", "layers")
     inverse = names.tex(inverse=True, normalized=norm) + (" (pseudo-inverse)" if names.pseudo_inverse else "")
     matrices = [(names.tex(normalized=norm), stored["pseudo_hessian"]), (inverse, stored["pseudo_hessian_inverse"])]
+    if scale == "layers":
+        layers = groups[1]
+        return [(name, [Panel("layer blocks", layer_rms(normalized(m), layers), layer_names(layers),
+                              layer_names(layers))]) for name, m in matrices]
     return [(name, blocks(normalized(m) if norm else m, *groups)) for name, m in matrices]
 
 
@@ -142,18 +208,25 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
     if len({len(r[0][1]) for r in rows}) != 1:
         raise ValueError("the checkpoints have different partitions and cannot share one figure")
     npanels = len(rows[0][0][1])
+    prefix = common_prefix([label for rs in rows for _, panels in rs for p in panels for label in p.rows + p.cols])
+    rows = [[(name, [p.without(prefix) for p in panels]) for name, panels in rs] for rs in rows]
     limits = {(r, c): max(float(np.nanmax(np.abs(rs[r][1][c].values))) for rs in rows)
               for r in range(2) for c in range(npanels)} if shared_scale else {}
-    size = max(3.2, 0.42 * max(len(p.rows) for p in rows[0][0][1]) + 1.6)
     ncols = npanels * len(checkpoints)
-    fig = Figure(figsize=(size * ncols + 0.8, 2 * size + 0.3), layout="constrained")
-    axes = fig.subplots(2, ncols, squeeze=False)
+    nrows = 2
+    if ncols == 1:  # one panel per matrix (layers scale, or a partition that does not split weights from biases)
+        nrows, ncols = 1, 2  # C̄ beside C̄⁻¹
+    size = max(3.2, min(0.42 * max(len(p.rows) for p in rows[0][0][1]) + 1.6,  # 0.42 in a row, within MAX_INCHES
+                        (MAX_INCHES - 0.8) / ncols, (MAX_INCHES - 0.3) / nrows))
+    fit = labels_that_fit(0.7 * size, 7)  # the heatmap itself takes about 70 % of its panel's width
+    fig = Figure(figsize=(size * ncols + 0.8, nrows * size + 0.3), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     names = trajectory_labels(checkpoints)
     for k, (ck_name, ck_rows) in enumerate(zip(names, rows)):
         for r, (name, panels) in enumerate(ck_rows):
             for c, panel in enumerate(panels):
-                ax = axes[r, k * npanels + c]
-                _draw(ax, panel, scale, limits.get((r, c)))
+                ax = axes[0, r] if nrows == 1 else axes[r, k * npanels + c]
+                _draw(ax, panel, scale, limits.get((r, c)), fit)
                 label = f"{ck_name}\n" if len(checkpoints) > 1 and r == 0 else ""
                 ax.set_title(f"{label}{name}: {panel.title}", fontsize=10)
     shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""
@@ -161,5 +234,6 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
     head = (figure_title(checkpoints[0], what) if len(checkpoints) == 1 else
             " → ".join(names) + f": {what}, {checkpoints[0].attrs.get('model')} on "
             f"{checkpoints[0].attrs.get('dataset')}")
-    fig.suptitle(f"{head} — {scale} scale{shared}", fontsize=11)
+    notes = [n for n in (LAYERS_DEFINITION if scale == "layers" else "", prefix_note(prefix)) if n]
+    fig.suptitle(f"{head} — {scale} scale{shared}" + "".join(f"\n{n}" for n in notes), fontsize=11)
     return fig

@@ -6,13 +6,22 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from curvscope.figures.interactions import DEFAULT_TOLERANCE
-from curvscope.figures.titles import figure_title, matrix_names
+from curvscope.figures.heatmaps import layer_starts
+from curvscope.figures.interactions import DEFAULT_TOLERANCE, finite_bars, symlog_bars
+from curvscope.figures.titles import (
+    common_prefix,
+    figure_title,
+    labels_that_fit,
+    matrix_names,
+    prefix_note,
+    strip_prefix,
+    thinned,
+)
 from curvscope.store.hdf5 import StoredCheckpoint
 
 RULE_COLOURS = {"linear": "#2166ac", "conv2d": "#b2182b", "exact": "#7f7f7f"}
 KIND_MARKERS = {"weight": "o", "bias": "s", "other": "D"}
-MAX_TICKS = 40  # tick labels per axis; more groups or layers are labelled every k-th
+PANEL_INCHES = 4.6  # the width of a panel's axes, for the tick labels that fit along it
 
 
 def has_kfac(stored: StoredCheckpoint) -> bool:
@@ -20,19 +29,23 @@ def has_kfac(stored: StoredCheckpoint) -> bool:
     return "interactions/kfac/efficiency" in stored.data
 
 
-def _ticks(ax: Axes, labels: list[str]) -> None:
-    """Every label up to MAX_TICKS, else every k-th, so that long lists stay readable."""
-    step = max(1, int(np.ceil(len(labels) / MAX_TICKS)))
-    x = np.arange(0, len(labels), step)
-    ax.set_xticks(x, [labels[i] for i in x], rotation=40, ha="right", fontsize=7)
+def _ticks(ax: Axes, labels: list[str], anchors: tuple[int, ...] = ()) -> None:
+    """Every label, rotated 40°, when all fit along the axis; else those that fit upright, every k-th with the
+    `anchors` (layer starts) first."""
+    slanted = labels_that_fit(PANEL_INCHES, 7 / np.sin(np.radians(40)))
+    if len(labels) <= slanted:
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=40, ha="right", fontsize=7)
+        return
+    x = np.asarray(thinned(len(labels), labels_that_fit(PANEL_INCHES, 7), anchors), dtype=int)
+    ax.set_xticks(x, [labels[i] for i in x], rotation=90, ha="center", fontsize=7)
 
 
 def _symlog_if_wide(ax: Axes, values: np.ndarray) -> None:
-    """A symmetric log scale when the values reach beyond [-2, 2] (bad steps reach large negative efficiencies)."""
+    """A symmetric log scale when the values reach beyond [-2, 2] (bad steps reach large negative efficiencies),
+    with every bar within the axes."""
     finite = values[np.isfinite(values)]
     if finite.size and np.abs(finite).max() > 2:
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_ylim(min(1.6 * finite.min(), -0.5), max(1.6 * finite.max(), 1.6))  # bars end inside the axes
+        symlog_bars(ax, finite, 1.0, also=(1.0,))
 
 
 def kfac_figure(stored: StoredCheckpoint) -> Figure:
@@ -44,6 +57,9 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     kbar_tex = r"$\bar{K}$"
     attrs = stored.data_attrs["interactions/kfac"]
     groups = [str(n) for n in stored["partition/name"]]
+    layers = [str(n) or "(root)" for n in stored["interactions/kfac/layers/name"]]
+    prefix = common_prefix(groups + [n for n in layers if n != "(root)"])
+    groups, layers = strip_prefix(groups, prefix), strip_prefix(layers, prefix)
     kinds = [str(k) for k in stored["partition/kind"]]
     rules = [str(r) for r in stored["interactions/kfac/rule"]]
     ratio = np.diag(stored["interactions/kfac/pseudo_curvature"]) / np.diag(stored["pseudo_hessian"])
@@ -51,13 +67,14 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     (ax1, ax2), (ax3, ax4) = fig.subplots(2, 2)
 
     for i, (r, k) in enumerate(zip(ratio, kinds)):
-        ax1.scatter(i, r, marker=KIND_MARKERS.get(k, "D"), color=RULE_COLOURS.get(rules[i], "#7f7f7f"), s=28,
+        ax1.scatter(i, r, marker=KIND_MARKERS.get(k, "D"), color=RULE_COLOURS.get(rules[i], "#7f7f7f"),
+                    s=28 if len(groups) <= 40 else 12,
                     zorder=3)
     ax1.axhline(1, color="black", lw=0.8)
     positive = ratio[np.isfinite(ratio) & (ratio > 0)]
     if positive.size and (ratio[np.isfinite(ratio)] > 0).all() and positive.max() / positive.min() > 10:
         ax1.set_yscale("log")
-    _ticks(ax1, groups)
+    _ticks(ax1, groups, layer_starts(stored["partition/layer"]))
     ax1.set_ylabel(rf"{kbar_tex}$_{{ss}}$ / {bar}$_{{ss}}$")
     ax1.set_title("curvature along each group's gradient (1: exact)", fontsize=10)
     handles = [Line2D([], [], ls="", marker="o", color=c, label=rule) for rule, c in RULE_COLOURS.items()
@@ -66,17 +83,16 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
                 if k in kinds]
     ax1.legend(handles=handles, fontsize=7, ncol=2)
 
-    layers = [str(n) or "(root)" for n in stored["interactions/kfac/layers/name"]]
     layer_rules = [str(r) for r in stored["interactions/kfac/layers/rule"]]
     colours = [RULE_COLOURS.get(r.split("+")[0], "#7f7f7f") for r in layer_rules]
     x = np.arange(len(layers))
-    ax2.bar(x, np.nan_to_num(stored["interactions/kfac/layers/error"]), color=colours)
+    ax2.bar(x, finite_bars(stored["interactions/kfac/layers/error"]), color=colours)
     _ticks(ax2, layers)
     ax2.set_ylabel(rf"‖N({bar}$_{{ll}}$ − {kbar_tex}$_{{ll}}$)‖ / ‖N({bar}$_{{ll}}$)‖")
     ax2.set_title("Kronecker error of each layer block (0: exact)", fontsize=10)
 
     eff = stored["interactions/kfac/layers/efficiency"]
-    ax3.bar(x, np.nan_to_num(eff), color=colours)
+    ax3.bar(x, finite_bars(eff), color=colours)
     ax3.axhline(1, color="black", lw=0.8)
     ax3.axhline(1 - DEFAULT_TOLERANCE, color="#b2182b", ls="--", lw=1)
     _symlog_if_wide(ax3, eff)
@@ -104,7 +120,7 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
                  transform=ax4.transAxes)
     else:
         xs = np.arange(len(labels))
-        ax4.bar(xs, np.nan_to_num(values), color=["#4d4d4d", "#4393c3", "#d6604d"])
+        ax4.bar(xs, finite_bars(values), color=["#4d4d4d", "#4393c3", "#d6604d"])
         ax4.axhline(1 - DEFAULT_TOLERANCE, color="#b2182b", ls="--", lw=1,
                     label=f"valid above 1 − {DEFAULT_TOLERANCE:g} (audit default)")
         _symlog_if_wide(ax4, values)
@@ -115,6 +131,7 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     ax4.set_title(f"whole model: Newton's step, under {names.bar}'s quadratic model", fontsize=10)
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(axis="y", alpha=0.3)
+    note = prefix_note(prefix)
     fig.suptitle(figure_title(stored, f"K-FAC ({attrs['flavour']}, {attrs['approximation']}) against "
-                                      f"{names.bar}'s layer blocks"), fontsize=10)
+                                      f"{names.bar}'s layer blocks") + (f"\n{note}" if note else ""), fontsize=10)
     return fig

@@ -12,13 +12,22 @@ from curvscope.errors import CurvscopeError
 
 FORMATS = ("pdf", "png")
 DPI = 200
+PAD = 0.1  # inches of white around the tight bounding box
+MAX_PIXELS = 4000  # a PNG's width and height at most; larger figures are drawn at a lower resolution
+MAX_INCHES = 0.98 * MAX_PIXELS / DPI - 2 * PAD - 0.01  # what figures are sized within: their PNGs keep the DPI
+
+
+def png_dpi(fig: Figure) -> float:
+    """The resolution of `fig`'s PNG: DPI, or less when `fig` (with its padding) is over MAX_PIXELS at DPI."""
+    return min(DPI, 0.98 * MAX_PIXELS / (float(max(fig.get_size_inches())) + 2 * PAD))
 
 
 def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
     """Write `fig` to `base`.pdf and `base`.png; each file appears only once complete.
 
     `description` (what was drawn, from which file) goes into the PDF's Subject
-    and the PNG's Description metadata. The files are drawn by matplotlib's own PDF and PNG canvases,
+    and the PNG's Description metadata. The PNG is at most MAX_PIXELS wide and high (:func:`png_dpi`).
+    The files are drawn by matplotlib's own PDF and PNG canvases,
     whatever backend the calling program uses; pyplot is not involved.
     """
     written = []
@@ -34,7 +43,8 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".{fmt}")
         os.close(fd)
         try:
-            fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata=meta)
+            fig.savefig(tmp, format=fmt, dpi=png_dpi(fig) if fmt == "png" else DPI, bbox_inches="tight",
+                        pad_inches=PAD, metadata=meta)
             os.replace(tmp, target)
         except OSError as exc:
             raise CurvscopeError(f"cannot write the figure {str(target)!r}: {exc.strerror or exc}.") from None

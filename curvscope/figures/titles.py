@@ -1,6 +1,11 @@
-"""Figure titles that say what was analysed, from a stored checkpoint's attributes."""
+"""Figure titles that say what was analysed, from a stored checkpoint's attributes; tick labels that stay readable.
+
+With many groups (S = 30 … 300 parameter tensors) tick labels are thinned to every k-th one, keeping
+layer boundaries where they fit, and the name prefix every label shares is shown once instead of on each.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -92,3 +97,55 @@ def trajectory_labels(checkpoints: Sequence[StoredCheckpoint]) -> list[str]:
     if min(epochs) >= 0 and len(set(epochs)) == len(epochs):
         return [f"epoch {e}" for e in epochs]
     return [ck.label for ck in checkpoints]
+
+
+MAX_LABELS = 60  # tick labels per axis, however large the panel
+LABEL_SPACING = 1.35  # a tick label needs this many times its font size (in points) along the axis
+
+
+def common_prefix(names: Sequence[str], sep: str = ".") -> str:
+    """The longest prefix ending in `sep` that every name has and none equals ("transformer.h." for
+    "transformer.h.0.attn.weight", "transformer.h.1.mlp.bias", …); "" for fewer than two names or none shared."""
+    names = [str(n) for n in names]
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:prefix.rfind(sep) + 1]
+    while prefix and any(len(n) <= len(prefix) for n in names):
+        prefix = prefix[:prefix[:-1].rfind(sep) + 1]
+    return prefix
+
+
+def strip_prefix(names: Sequence[str], prefix: str) -> list[str]:
+    """`names` without `prefix` (those that do not start with it unchanged)."""
+    return [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in (str(m) for m in names)]
+
+
+def prefix_note(prefix: str) -> str:
+    """What a title says of a stripped prefix: "" when none was stripped."""
+    return f"tick labels omit the common prefix '{prefix}'" if prefix else ""
+
+
+def labels_that_fit(inches: float, fontsize: float, most: int = MAX_LABELS) -> int:
+    """How many tick labels of `fontsize` points fit side by side along `inches` of axis (2 to `most`)."""
+    return max(2, min(most, int(inches * 72 / (LABEL_SPACING * fontsize))))
+
+
+def thinned(n: int, cap: int, anchors: Sequence[int] = ()) -> list[int]:
+    """At most `cap` of the positions 0 … n-1 to label, at least ⌈n/cap⌉ apart: all of them when n ≤ cap.
+
+    The first and the last always; then the `anchors` (layer boundaries) in order, each where it keeps that
+    distance from those taken; then every k-th position (k = ⌈n/cap⌉) in the gaps left.
+    """
+    if n <= max(cap, 1):
+        return list(range(n))
+    step = -(-n // max(cap, 2))  # ceil: positions at least `step` apart number at most cap
+    taken: list[int] = []
+
+    def far(i: int) -> bool:
+        return all(abs(i - t) >= step for t in taken)
+
+    for i in (0, n - 1, *sorted(a for a in anchors if 0 <= a < n), *range(0, n, step)):
+        if far(i):
+            taken.append(i)
+    return sorted(taken)

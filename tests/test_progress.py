@@ -1,0 +1,99 @@
+"""Progress on stderr (issue #16): plain lines where stderr is not a terminal, a live line where it is, nothing
+with -q."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_tiny_bundle
+
+from curvscope.cli.main import main
+from curvscope.cli.progress import ProgressLine
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plain_lines_at_start_end_and_every_ten_seconds() -> None:
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLine("run", stream=out, clock=clock)
+    assert bar.plain and not bar.live
+    for done in range(1, 1001):  # a slow stage: 1000 batches of 0.05 s
+        clock.now += 0.05
+        bar("pseudo-Hessian", done, 1000)
+    clock.now += 0.5
+    bar("spectrum", 4, 4)  # a stage that ends at its first report: one line
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "run: pseudo-Hessian 1/1000 started, 0.1 s"
+    assert lines[-2] == "run: pseudo-Hessian 1000/1000 done in 50.0 s, 50.0 s in all"
+    assert lines[-1] == "run: spectrum 4/4 done in 0.5 s, 50.5 s in all"
+    middle = lines[1:-2]
+    assert 5 <= len(middle) <= 10  # every 10 s, and at each tenth once a second has passed: 50 s → 9 lines
+    assert "(10 %)" in middle[0] and all(line.startswith("run: pseudo-Hessian ") for line in middle)
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+
+
+def test_fast_stages_print_only_their_start_and_end() -> None:
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLine("t", stream=out, clock=clock)
+    for stage in ("gradient", "pseudo-Hessian"):
+        for done in range(1, 9):
+            clock.now += 0.01
+            bar(stage, done, 8)
+            bar(stage, done, 8)  # a repeated report adds nothing
+    assert [line.split(",")[0] for line in out.getvalue().splitlines()] == [
+        "t: gradient 1/8 started", "t: gradient 8/8 done in 0.1 s",
+        "t: pseudo-Hessian 1/8 started", "t: pseudo-Hessian 8/8 done in 0.1 s"]
+
+
+def test_a_terminal_gets_the_live_line_and_quiet_gets_nothing() -> None:
+    tty = Terminal()
+    bar = ProgressLine("t", stream=tty)
+    assert bar.live and not bar.plain
+    bar("gradient", 3, 8)
+    bar.close()
+    assert tty.getvalue().startswith("\rt: gradient") and "3/8" in tty.getvalue() and "\n" not in tty.getvalue()
+    for stream in (io.StringIO(), Terminal()):
+        quiet = ProgressLine("t", enabled=False, stream=stream)
+        quiet("gradient", 3, 8)
+        quiet.close()
+        assert stream.getvalue() == ""
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bundle(tmp_path_factory.mktemp("progress") / "tiny.pt")
+
+
+def test_analyse_logs_progress_lines_when_stderr_is_not_a_terminal(bundle: Path, tmp_path: Path) -> None:
+    args = ["analyse", str(bundle), "--no-spectrum", "--no-render", "--batch-size", "16"]
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.h5")])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert "tiny: gradient 1/3 started" in lines[0]
+    assert any(line.startswith("tiny: pseudo-Hessian 3/3 done in ") for line in lines), lines
+    assert all(line.startswith("tiny: ") for line in lines) and "\r" not in res.stderr
+    assert "S=4 groups" in res.stdout  # the summary stays on stdout
+    quiet = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "q.h5"), "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.output
+
+
+def test_layers_is_a_scale_of_both_commands(tmp_path: Path) -> None:
+    for command in ("render", "analyse"):
+        res = CliRunner().invoke(main, [command, str(tmp_path / "missing"), "--scale", "layers"])
+        assert res.exit_code == 2 and "does not exist" in res.output, res.output  # not an invalid --scale
