@@ -4,7 +4,16 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from curvscope.figures.titles import figure_title, matrix_names
+from curvscope.figures.output import MAX_INCHES
+from curvscope.figures.titles import (
+    common_prefix,
+    figure_title,
+    labels_that_fit,
+    matrix_names,
+    prefix_note,
+    strip_prefix,
+    thinned,
+)
 from curvscope.measures.density import gaussian_density
 from curvscope.store.hdf5 import StoredCheckpoint
 
@@ -70,8 +79,10 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
     """
     kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
     c_bb = f"{matrix_names(stored).symbol}_BB"
-    fig = Figure(figsize=(4.2 + 0.45 * max(len(_blocks(stored, k)) for k in kinds) * len(kinds), 6.4),
-                 layout="constrained")
+    per_block = min(0.45, (MAX_INCHES - 4.2) / max(1, sum(len(_blocks(stored, k)) for k in kinds)))
+    width = min(MAX_INCHES, 4.2 + per_block * sum(len(_blocks(stored, k)) for k in kinds))
+    fig = Figure(figsize=(width, 6.4), layout="constrained")
+    prefix = common_prefix([g for k in kinds for g in _blocks(stored, k)])
     axes = fig.subplots(2, len(kinds), squeeze=False)
     for c, kind in enumerate(kinds):
         groups = _blocks(stored, kind)
@@ -104,8 +115,11 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
         axes[1, c].set_ylabel(f"tr({c_bb})")
         if np.all(tr - se > 0):
             axes[1, c].set_yscale("log")
+        shown = thinned(len(groups), labels_that_fit(per_block * len(groups), 8))
+        names = strip_prefix(groups, prefix)
         for ax in axes[:, c]:
-            ax.set_xticks(x, groups, rotation=90, fontsize=8)
+            ax.set_xticks(x[shown], [names[i] for i in shown], rotation=90, fontsize=8)
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(figure_title(stored, "diagonal blocks"), fontsize=10)
+    note = prefix_note(prefix)
+    fig.suptitle(figure_title(stored, "diagonal blocks") + (f"\n{note}" if note else ""), fontsize=10)
     return fig
