@@ -199,6 +199,8 @@ def _timings(record: "AnalysisRecord") -> str:
 
 def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
     """What `analyse` prints of one stored record (warnings even when quiet)."""
+    from curvscope.store.hdf5 import model_notes, record_warnings
+
     label, a = record.label, record.attrs
     if not quiet:
         p, s, bar = record.pseudo, record.step, curvature_kind(a["curvature"]).bar
@@ -222,15 +224,10 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
             click.echo(f"{label}: {a['kfac_note']}")
         if a["attention"]:
             click.echo(f"{label}: {a['attention']}.")
-        if a.get("tied"):
-            click.echo(f"{label}: tied (one tensor under several names, analysed once): {a['tied']}")
-        if a.get("outputs"):
-            click.echo(f"{label}: predictions: {a['outputs']}")
-        if a.get("batchnorm_note"):
-            click.echo(f"{label}: {a['batchnorm_note']}.")
-    for key in ("determinism_warning", "batchnorm_warning"):
-        if a.get(key):
-            click.echo(f"curvscope: warning: {label}: {a[key]}", err=True)
+        for note in model_notes(a):
+            click.echo(f"{label}: {note}")
+    for warning in record_warnings(a):
+        click.echo(f"curvscope: warning: {label}: {warning}", err=True)
 
 
 @main.command(name="render")

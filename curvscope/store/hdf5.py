@@ -12,7 +12,7 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from curvscope.results import EigenResult, KFACResult, SpectrumResult, TraceResult
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "ResultsFile", "StoredCheckpoint", "check_label", "check_writable", "describe",
-           "open_results", "read_results", "stored_labels", "write_records"]
+           "model_notes", "open_results", "read_results", "record_warnings", "stored_labels", "write_records"]
 
 STR = h5py.string_dtype()
 
@@ -308,18 +308,11 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     lines += _kfac_lines(ck)
     if a.get("frozen"):
         lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
-    if a.get("tied"):
-        lines.append(f"  tied (one tensor under several names, analysed once): {a['tied']}")
-    if a.get("outputs"):
-        lines.append(f"  predictions: {a['outputs']}")
     if a.get("batchnorm"):
         stats = "the running ones (eval)" if a["batchnorm"] == "eval" else "each batch's own (batch)"
         lines.append(f"  BatchNorm statistics: {stats}")
-    if a.get("batchnorm_note"):
-        lines.append(f"  note: {a['batchnorm_note']}")
-    for key in ("determinism_warning", "batchnorm_warning"):
-        if a.get(key):
-            lines.append(f"  warning: {a[key]}")
+    lines += [f"  {note}" for note in model_notes(a)]
+    lines += [f"  warning: {w}" for w in record_warnings(a)]
     bar_ss = stored_kind(ck.attrs).bar + "_ss"
     lines.append(f"  {'group':24s} {'kind':6s} {'size':>9s} {'ḡ_s':>11s} {bar_ss:>11s} {'η*_s':>11s}")
     for i, name in enumerate(ck["partition/name"]):
@@ -333,6 +326,23 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
         arr = np.asarray(ck.data[name])
         lines.append(f"    {name:32s} {arr.shape!s:12s} {arr.dtype}")
     return lines
+
+
+def model_notes(attrs: Mapping[str, object]) -> list[str]:
+    """What a record's attributes say of the model as analysed: tied tensors, the output used, BatchNorm's mode."""
+    notes = []
+    if attrs.get("tied"):
+        notes.append(f"tied (one tensor under several names, analysed once): {attrs['tied']}")
+    if attrs.get("outputs"):
+        notes.append(f"predictions: {attrs['outputs']}")
+    if attrs.get("batchnorm_note"):
+        notes.append(f"note: {attrs['batchnorm_note']}")
+    return notes
+
+
+def record_warnings(attrs: Mapping[str, object]) -> list[str]:
+    """The warnings a record's attributes carry (a non-deterministic model, BatchNorm statistics far apart)."""
+    return [str(attrs[key]) for key in ("determinism_warning", "batchnorm_warning") if attrs.get(key)]
 
 
 def _pseudo_hessian_line(ck: StoredCheckpoint) -> str:
