@@ -25,7 +25,8 @@ from curvscope.figures.spectra import blocks_figure
 from curvscope.store.hdf5 import describe, read_results
 
 CPU = torch.device("cpu")
-OLD_RESULTS = ROOT / "reports" / "lenet5_digits_ep21.h5"  # written before block traces were shared
+OLD_RESULTS = ROOT / "tests" / "fixtures" / "lenet5_digits_ep21_older_writer.h5"  # the shipped report as written before
+# block traces were shared (every block with top/, layer traces "sum of tensor blocks"), kept as a fixture
 
 
 def run(*args: object):
