@@ -97,3 +97,21 @@ def test_layers_is_a_scale_of_both_commands(tmp_path: Path) -> None:
     for command in ("render", "analyse"):
         res = CliRunner().invoke(main, [command, str(tmp_path / "missing"), "--scale", "layers"])
         assert res.exit_code == 2 and "does not exist" in res.output, res.output  # not an invalid --scale
+
+
+def test_spectra_report_every_product() -> None:
+    """A long Lanczos run is one step of the spectrum stage: each product is reported (with the same step
+    count), so that the plain log still gets its line every 10 s during the run."""
+    from conftest import make_case
+
+    from curvscope.curvature.registry import curvature_operator
+    from curvscope.curvature.spectrum import spectrum
+
+    case = make_case("mlp")
+    calls: list[tuple[str, int, int]] = []
+    with curvature_operator(case.model, case.loss_fn, case.batches()) as op:
+        result = spectrum(op, k=2, max_steps=10, slq_steps=10, trace_matvecs=6, blocks="off",
+                          progress=lambda *c: calls.append(c))
+    assert len(calls) >= result.products  # one report per product, plus the steps' own
+    assert {stage for stage, _, _ in calls} == {calls[0][0]} and calls[0][0].startswith("spectrum (vectors:")
+    assert calls[-1][1] == calls[-1][2]  # the stage ends done

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 import zlib
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -103,6 +104,22 @@ def block_density(op: BlockOperator, runs: int = 1, steps: int = DEFAULT_STEPS, 
 
 
 Source = nn.Module | CurvatureOperator
+
+
+@dataclass
+class _Reported(BlockOperator):
+    """A block operator that reports each product, so that a long Lanczos run shows progress as it goes."""
+
+    report: Callable[[], None] = field(default=lambda: None)
+
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        product = BlockOperator.matvec(self, v, out)
+        self.report()
+        return product
+
+
+def _reported(op: BlockOperator, report: Callable[[], None]) -> _Reported:
+    return _Reported(op.curvature, op.indices, op.names, op.dim, report)
 
 
 @contextmanager
@@ -207,7 +224,7 @@ def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max
     groups = hp.groups()
     wanted = set(eigen_blocks(hp, blocks))
     total, done = 4 + len(wanted), 0
-    whole = hp.operator(None)
+    whole = _reported(hp.operator(None), lambda: progress(stage, done, total))
     budget = hp.max_memory if max_memory is None else max_memory
     basis = fitted_basis(whole.dim, k, budget)
     sketch = 8 * whole.dim * (2 * (trace_matvecs // 3) + 2)  # Hutch++'s sketch and its products, about
@@ -239,7 +256,7 @@ def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max
     out = []
     method = "exact" if shared.exact else "hutch++ (shared products)"
     for name, indices in groups.items():  # tensors first, then layers
-        op = hp.operator(name)
+        op = _reported(hp.operator(name), lambda: progress(stage, done, total))
         value, stderr = shared.block(indices)
         t = None
         if name in wanted:
