@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from curvscope import __version__
+from curvscope.curvature.defaults import BATCHNORM_MODES
 from curvscope.curvature.kfac import kfac
 from curvscope.curvature.kinds import KFAC_FLAVOUR_OF, record_label
 from curvscope.curvature.newton_step import collinear_description, collinear_groups, newton_step
@@ -241,7 +242,7 @@ def batchnorm_warning(model: torch.nn.Module, loss_fn: LossFn, batches: list[tup
     losses = []
     try:
         with torch.no_grad():
-            for mode in ("eval", "batch"):
+            for mode in BATCHNORM_MODES:
                 obj = Objective.create(model, loss_fn, batches, output_key=output_key, batchnorm=mode)
                 losses.append(sum(w * float(obj.batch_loss(b, finite=False)) for b, w in enumerate(obj.weights)))
     except CurvscopeError:

@@ -13,6 +13,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from curvscope.curvature.defaults import (
+    BATCHNORM_MODES,
     DEFAULT_MAX_MEMORY,
     DEFAULT_STEPS,
     DEFAULT_TOL,
@@ -77,7 +78,7 @@ class AnalysisOptions:
                                            "returns a dict, a Hugging Face ModelOutput or a tuple: a key, or an index "
                                            "[default: 'logits' when present, else the first tensor].")
     batchnorm: str = setting("eval", "BatchNorm statistics: eval (the running ones) or batch (each batch's own; the "
-                                     "running ones are left untouched).", "choice", choices=("eval", "batch"))
+                                     "running ones are left untouched).", "choice", choices=BATCHNORM_MODES)
     spectrum: bool = setting(True, "Eigenvalues (Lanczos), trace (Hutch++) and density (SLQ) of the curvature, "
                                    "whole model and per block.", "toggle")
     block_spectra: str = setting("layer", "Spectra of the diagonal blocks: layer (top eigenvalues of each layer; "

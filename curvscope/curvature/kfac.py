@@ -104,27 +104,31 @@ class KFAC:
     approximation: str  # "expand" | "reduce"
     layers: list[KroneckerLayer]
     names: list[str]  # the trainable tensors
-    exact: list[str]  # trainable tensors without a K-FAC rule, kept exact
     mc_samples: int
     seed: int
     n_samples: int
     elapsed_s: float
 
-    def tensor_rules(self) -> list[str]:
-        """The rule of each trainable tensor: "linear", "conv2d" or "exact"."""
-        rules = ["exact"] * len(self.names)
+    def _per_tensor(self, outside: list[str], of_layer: Callable[[KroneckerLayer], str]) -> list[str]:
+        """`of_layer` of its K-FAC layer for each trainable tensor that has one, `outside` for the others."""
+        out = list(outside)
         for layer in self.layers:
             for i in layer.tensors():
-                rules[i] = layer.rule
-        return rules
+                out[i] = of_layer(layer)
+        return out
+
+    def tensor_rules(self) -> list[str]:
+        """The rule of each trainable tensor: "linear", "conv2d" or "exact"."""
+        return self._per_tensor(["exact"] * len(self.names), lambda layer: layer.rule)
 
     def tensor_blocks(self) -> list[str]:
         """The block of K each trainable tensor belongs to: its K-FAC layer, or ``exact:<owner>``."""
-        blocks = [f"exact:{owner(n)}" for n in self.names]
-        for layer in self.layers:
-            for i in layer.tensors():
-                blocks[i] = layer.layer
-        return blocks
+        return self._per_tensor([f"exact:{owner(n)}" for n in self.names], lambda layer: layer.layer)
+
+    @property
+    def exact(self) -> list[str]:
+        """The trainable tensors without a K-FAC rule, kept exact."""
+        return [n for n, rule in zip(self.names, self.tensor_rules()) if rule == "exact"]
 
     def projection(self, part: Partition, u: Sequence[torch.Tensor], exact: np.ndarray
                    ) -> tuple[np.ndarray, list[str]]:
@@ -278,8 +282,8 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
     model = obj.model
     modules = dict(model.named_modules())
     layers = _candidates(model, list(op.names))
-    sums_a: dict[str, list[torch.Tensor]] = {}
-    sums_b: dict[str, list[torch.Tensor]] = {}
+    sums_a: dict[str, torch.Tensor] = {}  # per layer, (G, d, d): Σ ã ãᵀ per group of channels
+    sums_b: dict[str, torch.Tensor] = {}
     positions: dict[str, int] = {}
     dropped: set[str] = set()
     generator = torch.Generator().manual_seed(seed)
@@ -319,7 +323,7 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
             if acc is None or lay.layer in dropped or not outputs[lay.layer].requires_grad:
                 dropped.add(lay.layer)  # called twice, never, or on unbatched inputs: kept exact
                 continue
-            sums_a[lay.layer] = [s + c for s, c in zip(sums_a[lay.layer], acc)] if lay.layer in sums_a else list(acc)
+            sums_a[lay.layer] = sums_a[lay.layer] + acc if lay.layer in sums_a else acc
             live.append(lay)
         for root, vectors, weights in _backward_vectors(op, flavour, b, z, obj.place(y), mc_samples, generator):
             grads = _backpropagate(root, vectors, [outputs[lay.layer] for lay in live])
@@ -329,22 +333,20 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
                 g = _outputs(modules[lay.layer], g.flatten(0, 1), lay.groups, reduce)  # (G, K·n, R, d)
                 w = weights.reshape(-1, 1).expand(-1, g.shape[2]).reshape(-1).to(g.dtype)
                 acc = _second_moment(g.flatten(1, 2), w)
-                sums_b[lay.layer] = ([s + c for s, c in zip(sums_b[lay.layer], acc)] if lay.layer in sums_b
-                                     else list(acc))
+                sums_b[lay.layer] = sums_b[lay.layer] + acc if lay.layer in sums_b else acc
         progress("k-fac", b + 1, len(obj.batches))
     n = obj.n_samples
     kept = []
     for lay in layers:
         if lay.layer in dropped or lay.layer not in sums_a:
             continue
-        lay.A = [s / positions[lay.layer] for s in sums_a[lay.layer]]
+        lay.A = list(sums_a[lay.layer] / positions[lay.layer])
         d_out = op.params[lay.weight].shape[0] // lay.groups
-        zero = torch.zeros(d_out, d_out, dtype=torch.float64, device=op.params[lay.weight].device)
-        lay.B = [s / n for s in sums_b.get(lay.layer, [zero] * lay.groups)]
+        zero = torch.zeros(lay.groups, d_out, d_out, dtype=torch.float64, device=op.params[lay.weight].device)
+        lay.B = list(sums_b.get(lay.layer, zero) / n)
         kept.append(lay)
-    covered = {i for lay in kept for i in lay.tensors()}
-    return KFAC(flavour, approximation, kept, list(op.names), [nm for i, nm in enumerate(op.names) if i not in covered],
-                mc_samples if flavour == "mc" else 1, seed, n, time.perf_counter() - start)
+    return KFAC(flavour, approximation, kept, list(op.names), mc_samples if flavour == "mc" else 1, seed, n,
+                time.perf_counter() - start)
 
 
 def _second_moment(v: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -53,6 +53,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.curvature.data_conv import data_convolutions
+from curvscope.curvature.defaults import BATCHNORM_MODES
 from curvscope.errors import CurvscopeError, summary
 from curvscope.sources.losses import LossFn
 
@@ -76,7 +77,6 @@ def differentiate(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequen
 
 
 OutputKey = str | int | None
-BATCHNORM_MODES = ("eval", "batch")
 OUTPUT_RULE = ("the entry named by --output-key when given (a key, or an index for a tuple), else 'logits' when "
                "present, else the first tensor")
 
@@ -175,6 +175,11 @@ def output_description(out: Any, output_key: OutputKey = None) -> str:
     return "" if not name else f"{name} of a {type(out).__name__} ({_kind(value)})"
 
 
+def _check_batchnorm(mode: str) -> None:
+    if mode not in BATCHNORM_MODES:
+        raise CurvscopeError(f"unknown BatchNorm mode {mode!r}: choose one of {', '.join(BATCHNORM_MODES)}.")
+
+
 def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """(name, module) of every BatchNorm layer (``nn.modules.batchnorm._BatchNorm``: BatchNorm1d/2d/3d, Sync...)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -185,8 +190,7 @@ def batchnorm_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Within: BatchNorm layers use their running statistics ("eval": nothing changes) or each batch's own
     ("batch": training mode with ``track_running_stats`` off, so the running statistics and
     ``num_batches_tracked`` are neither used nor updated); both flags are restored on leaving."""
-    if mode not in BATCHNORM_MODES:
-        raise CurvscopeError(f"unknown BatchNorm mode {mode!r}: choose one of {', '.join(BATCHNORM_MODES)}.")
+    _check_batchnorm(mode)
     changed = [(m, m.training, m.track_running_stats) for _, m in batchnorm_modules(model)] if mode == "batch" else []
     try:
         for m, _, _ in changed:
@@ -242,8 +246,7 @@ class Objective:
 
     def configure(self, output_key: OutputKey = None, batchnorm: str = "eval") -> "Objective":
         """Set which output entry holds the predictions and which statistics BatchNorm uses (checked); `self`."""
-        if batchnorm not in BATCHNORM_MODES:
-            raise CurvscopeError(f"unknown BatchNorm mode {batchnorm!r}: choose one of {', '.join(BATCHNORM_MODES)}.")
+        _check_batchnorm(batchnorm)
         if output_key is not None and (isinstance(output_key, bool) or not isinstance(output_key, (str, int))):
             raise CurvscopeError(f"the output key must be a string or an integer index, not {output_key!r}.")
         self.output_key, self.batchnorm = output_key, batchnorm
