@@ -66,7 +66,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import jvp, vmap
 
 from curvscope.curvature.data_conv import data_convolutions
-from curvscope.curvature.objective import Progress, differentiate
+from curvscope.curvature.objective import differentiate
 from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError, summary
@@ -277,11 +277,11 @@ class OutputSpaceOperator(CurvatureOperator):
         return 0.5 * (out + out.T)
 
     def batch_projection(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
-                         jacobian: str | None = None) -> torch.Tensor:
-        """C̄_b = Uᵀ J_bᵀ Q_b J_b U = Dᵀ Q_b D (float64, S × S), u held fixed; D by `jacobian` (default: the
-        operator's; "auto" is forward mode, or double-vjp where forward mode fails)."""
+                         method: str | None = None) -> torch.Tensor:
+        """C̄_b = Uᵀ J_bᵀ Q_b J_b U = Dᵀ Q_b D (float64, S × S), u held fixed; D by the Jacobian `method`
+        (default: the operator's; "auto" is forward mode, or double-vjp where forward mode fails)."""
         self._check(part)
-        jacobian = jacobian or self.jacobian
+        jacobian = method or self.jacobian
         if jacobian not in JACOBIANS:
             raise CurvscopeError(f"unknown Jacobian method {jacobian!r}: choose one of {', '.join(JACOBIANS)}.")
         if self._vanishes(b):
@@ -321,19 +321,13 @@ class OutputSpaceOperator(CurvatureOperator):
         q = self.output_product(state, probe.to(value.device))
         return q is None or not bool(q.any())
 
-    def batch_projections(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
-                          strategy: str, progress: Progress) -> tuple[str, list[torch.Tensor]]:
-        """Every batch's C̄_b, and the Jacobian method used (timed on batch 0 when ``jacobian`` is auto)."""
+    def projection_method(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
+                          strategy: str) -> tuple[str, torch.Tensor | None]:
+        """The Jacobian method (timed on batch 0 when ``jacobian`` is auto) and C̄_0, computed while choosing."""
         if strategy != "auto":
             raise CurvscopeError(f"--strategy {strategy} is for the Hessian; the {self.title} chooses its own "
                                  f"method ({', '.join(JACOBIANS[1:])}): leave --strategy at auto.")
-        chosen, first = self._choose_jacobian(u, u64, part)
-        out = [first]
-        progress(f"pseudo-{self.name}", 1, len(self.obj.batches))
-        for b in range(1, len(self.obj.batches)):
-            out.append(self.batch_projection(b, u, u64, part, chosen))
-            progress(f"pseudo-{self.name}", b + 1, len(self.obj.batches))
-        return chosen, out
+        return self._choose_jacobian(u, u64, part)
 
     def _choose_jacobian(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition
                          ) -> tuple[str, torch.Tensor]:

@@ -28,7 +28,7 @@ import time
 import torch
 
 from curvscope.curvature.kinds import KINDS
-from curvscope.curvature.objective import Objective, Progress, differentiate
+from curvscope.curvature.objective import Objective, differentiate
 from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError
@@ -112,25 +112,16 @@ class HessianOperator(CurvatureOperator):
                                   retain_graph=self.mode == "cached", allow_unused=True))
 
     def batch_projection(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
-                         strategy: str = "triangular") -> torch.Tensor:
-        """H̄_b = Uᵀ H_b U (float64, S × S), u held fixed."""
+                         method: str | None = None) -> torch.Tensor:
+        """H̄_b = Uᵀ H_b U (float64, S × S), u held fixed, by the strategy `method` (triangular when None)."""
         grads = self.obj.gradient_with_graph(b, self.params)
         z = part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
         if all(t is None for t in z):  # the loss is linear in every parameter
             return torch.zeros(part.size, part.size, dtype=torch.float64, device=u64[0].device)
-        return ROWS[strategy](z, self.params, u64, part)
+        return ROWS[method or self.method](z, self.params, u64, part)
 
-    def batch_projections(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
-                          strategy: str, progress: Progress) -> tuple[str, list[torch.Tensor]]:
-        chosen, first = self._choose_strategy(strategy, u, u64, part)
-        out = []
-        for b in range(len(self.obj.batches)):
-            out.append(first if b == 0 and first is not None else self.batch_projection(b, u, u64, part, chosen))
-            progress("pseudo-Hessian", b + 1, len(self.obj.batches))
-        return chosen, out
-
-    def _choose_strategy(self, strategy: str, u: list[torch.Tensor], u64: list[torch.Tensor],
-                         part: Partition) -> tuple[str, torch.Tensor | None]:
+    def projection_method(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
+                          strategy: str) -> tuple[str, torch.Tensor | None]:
         """The strategy to use; when timing decides it, also H̄_0 (already computed)."""
         if strategy not in STRATEGIES:
             raise CurvscopeError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")

@@ -35,6 +35,7 @@ from torch import nn
 
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY
 from curvscope.curvature.kinds import CurvatureKind
+from curvscope.curvature.moments import WeightedMoments
 from curvscope.curvature.objective import Batch, Objective, Progress, differentiate, no_progress
 from curvscope.curvature.partition import Partition, owner, trainable
 from curvscope.errors import CurvscopeError
@@ -146,22 +147,19 @@ class CurvatureOperator(ABC):
         model's dtype); None for a tensor whose product is zero."""
 
     @abstractmethod
-    def batch_projection(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor],
-                         part: Partition) -> torch.Tensor:
+    def batch_projection(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
+                         method: str | None = None) -> torch.Tensor:
         """UᵀC_bU (S × S, float64) for batch b, u the fixed direction per tensor (in the model's dtype and
-        in float64)."""
+        in float64), by `method` (the curvature's default when None)."""
 
-    def batch_projections(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
-                          strategy: str, progress: Progress) -> tuple[str, list[torch.Tensor]]:
-        """Every batch's UᵀC_bU and the method used (`strategy` is the Hessian's; others have one method)."""
+    def projection_method(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
+                          strategy: str) -> tuple[str, torch.Tensor | None]:
+        """The method the projection uses (`strategy` is the Hessian's; others have one method or choose their
+        own), and C̄_0 when choosing it computed C̄_0 (None otherwise)."""
         if strategy != "auto":
             raise CurvscopeError(f"--strategy {strategy} is for the Hessian; the {self.title} has one method "
                                  f"({self.method}): leave --strategy at auto.")
-        out = []
-        for b in range(len(self.obj.batches)):
-            out.append(self.batch_projection(b, u, u64, part))
-            progress(f"pseudo-{self.name}", b + 1, len(self.obj.batches))
-        return self.method, out
+        return self.method, None
 
     # --- what every curvature gets ----------------------------------------------------------------
 
@@ -229,17 +227,18 @@ class CurvatureOperator(ABC):
         """C̄ = UᵀCU and ḡ on `part`, with u = g = ∇L(θ) (computed here unless `gradient` = (g, L) is given).
 
         C̄ = Σ_b w_b C̄_b exactly (w_b = n_b/N); its standard error across batches
-        is sqrt(B/(B−1) Σ_b w_b² (C̄_b − C̄)²). Accumulation is in float64.
+        is sqrt(B/(B−1) Σ_b w_b² (C̄_b − C̄)²), both streamed (:mod:`curvscope.curvature.moments`), so that
+        memory does not grow with the number of batches. Accumulation is in float64.
         """
         u64, loss = gradient if gradient is not None else full_gradient(self.obj, self.params, progress)
         u = [g.to(p.dtype) for g, p in zip(u64, self.params)]
-        chosen, per_batch = self.batch_projections(u, u64, part, strategy, progress)
-        w = np.asarray(self.obj.weights)
-        stack = torch.stack(per_batch).cpu().numpy()
-        cbar = np.tensordot(w, stack, axes=1)
-        B = len(w)
-        stderr = (np.sqrt(B / (B - 1) * np.tensordot(w ** 2, (stack - cbar) ** 2, axes=1))
-                  if B > 1 else np.full_like(cbar, np.nan))
+        chosen, first = self.projection_method(u, u64, part, strategy)
+        moments = WeightedMoments()  # streamed: memory does not grow with the number of batches
+        for b, w in enumerate(self.obj.weights):
+            cb = first if b == 0 and first is not None else self.batch_projection(b, u, u64, part, chosen)
+            moments.add(w, cb.cpu().numpy())
+            progress(f"pseudo-{self.kind.short}", b + 1, len(self.obj.weights))
+        cbar, stderr, B = moments.mean, moments.stderr, moments.count
         gbar = part.group_sums([g * g for g in u64], torch.zeros(part.size, dtype=torch.float64,
                                                                   device=u64[0].device)).cpu().numpy()
         if not (np.isfinite(cbar).all() and np.isfinite(gbar).all()):
