@@ -32,6 +32,7 @@ from curvscope.curvature.objective import (
 )
 from curvscope.curvature.operator import CurvatureOperator, full_gradient
 from curvscope.curvature.partition import Partition, make_partition, tied_description
+from curvscope.curvature.ranks import all_sum_array, join, shard
 from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.spectrum import spectrum
 from curvscope.curvature.step_loss import loss_after_steps
@@ -165,7 +166,8 @@ def _prepare(path: str | Path, options: AnalysisOptions,
     """The checkpoint, its analysis batches, its model placed on the device in the dtype, and the device."""
     if options.dtype not in DTYPES:
         raise CurvscopeError(f"unknown dtype {options.dtype!r}: use float32 or float64.")
-    device = resolve_device(options.device)
+    name, _ = join(options.device)  # under torchrun: this process's rank of the run, and its GPU
+    device = resolve_device(name)
     data_spec = ({"name": options.data, "kwargs": dict(options.data_kwargs or {})}
                  if options.data is not None else None)
     ckpt: Checkpoint = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs,
@@ -181,8 +183,8 @@ def _prepare(path: str | Path, options: AnalysisOptions,
     if options.data is None and options.data_kwargs:  # e.g. --data-root for the recorded data set
         data_kwargs.update(options.data_kwargs)
     data = build_dataset(ckpt.data["name"], options.split, data_kwargs)
-    batches = analysis_batches(data, options.samples, options.batch_size,
-                               seed=options.seed if options.random_subset else None)
+    batches = shard(analysis_batches(data, options.samples, options.batch_size,  # this rank's share
+                                     seed=options.seed if options.random_subset else None))
     model = ckpt.model.to(device=device, dtype=DTYPES[options.dtype])  # placed once, not copied per engine
     return ckpt, batches, model, device
 
@@ -244,7 +246,8 @@ def batchnorm_warning(model: torch.nn.Module, loss_fn: LossFn, batches: list[tup
         with torch.no_grad():
             for mode in BATCHNORM_MODES:
                 obj = Objective.create(model, loss_fn, batches, output_key=output_key, batchnorm=mode)
-                losses.append(sum(w * float(obj.batch_loss(b, finite=False)) for b, w in enumerate(obj.weights)))
+                losses.append(float(all_sum_array([sum(w * float(obj.batch_loss(b, finite=False))
+                                                       for b, w in enumerate(obj.weights))])[0]))
     except CurvscopeError:
         return ""  # the engines report evaluation errors themselves
     finally:

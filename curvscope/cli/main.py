@@ -36,8 +36,16 @@ EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 3
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, number of processes) of a torchrun launch, read from its environment without importing torch;
+    (0, 1) for a plain run. Only rank 0 prints, writes results files and draws figures."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _say_error(message: str) -> None:
-    click.echo(textwrap.fill(f"curvscope: error: {message}", width=100), err=True)
+    rank, size = launched_rank()
+    where = f" (rank {rank} of {size})" if size > 1 else ""
+    click.echo(textwrap.fill(f"curvscope: error{where}: {message}", width=100), err=True)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -144,9 +152,12 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
     from curvscope.analysis import analyse_checkpoint, default_label
     from curvscope.cli.progress import ProgressLine
     from curvscope.curvature.kinds import record_label
+    from curvscope.curvature.ranks import leave
     from curvscope.figures.render import render
     from curvscope.store.hdf5 import check_label, check_writable, stored_labels, write_records
 
+    leader = launched_rank()[0] == 0  # under torchrun every rank computes; rank 0 alone writes and prints
+    quiet = quiet or not leader
     stems = [default_label(p) for p in checkpoints]
     if len(set(stems)) != len(stems):
         raise CurvscopeError(f"several checkpoints share a file name ({', '.join(stems)}); their labels in "
@@ -174,11 +185,14 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
             records = analyse_checkpoint(path, replace(options, curvatures=wanted), label=stem, progress=bar)
         finally:
             bar.close()
+        if not leader:
+            continue
         write_records(output, records, on_wait=lambda message: click.echo(f"curvscope: {message}", err=True))
         written += [r.label for r in records]
         for record in records:
             _summary(record, output, quiet)
-    if not no_render:
+    leave()
+    if not no_render and leader:
         figures = render(output, figure_dir, scales, written or None, shared_scale=shared_scale) if written else []
         if not quiet and figures:
             click.echo(f"figures: {', '.join(str(p) for p in figures)}")
@@ -279,6 +293,8 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
 
     ofs = list(MATRICES) if of == "both" else ["matrix" if of == "hessian" else of]
     options = options_from(settings, spectrum=False)
+    leader = launched_rank()[0] == 0  # under torchrun every rank analyses checkpoints; rank 0 alone audits
+    analysed = False
     reports = []
     with tempfile.TemporaryDirectory(prefix="curvscope-audit-") as tmp:
         for path in inputs:
@@ -292,8 +308,18 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
                 from curvscope.analysis import analyse_checkpoint, default_label
 
                 results = Path(tmp) / f"{default_label(path)}.h5"
-                write_records(results, analyse_checkpoint(path, options))
+                records = analyse_checkpoint(path, options)
+                analysed = True
+                if not leader:
+                    continue
+                write_records(results, records)
             reports += [audit_checkpoint(ck, path, approximations, ofs, tolerance) for ck in read_results(results)]
+    if analysed:
+        from curvscope.curvature.ranks import leave
+
+        leave()
+    if not leader:
+        return
     if not reports:
         raise CurvscopeError("the results files hold no checkpoints to audit.")
     if not any(c["approximations"] for c in reports):

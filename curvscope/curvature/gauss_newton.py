@@ -374,7 +374,7 @@ class OutputSpaceOperator(CurvatureOperator):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             first = self._cached_batch(0)
         n0 = max(int(self.obj.batches[0][0].shape[0]), 1)
-        self.graph_bytes = int(sum(seen.values()) * self.obj.n_samples / n0)
+        self.graph_bytes = int(sum(seen.values()) * self.obj.local_samples / n0)
         self.mode = "cached" if self.graph_bytes <= self.max_memory else "streamed"
         self._cache = [first] if self.mode == "cached" else []
         if self.mode == "cached":

@@ -89,7 +89,7 @@ class HessianOperator(CurvatureOperator):
     def prepare(self) -> None:
         """Measure one batch's graph; keep every batch's graph when all of them fit `max_memory`."""
         first, nbytes = _measured_graph(self.obj, self.params)
-        self.graph_bytes = int(nbytes * self.obj.n_samples / max(int(self.obj.batches[0][0].shape[0]), 1))
+        self.graph_bytes = int(nbytes * self.obj.local_samples / max(int(self.obj.batches[0][0].shape[0]), 1))
         self.mode = "cached" if self.graph_bytes <= self.max_memory else "streamed"
         self._graphs = [first] if self.mode == "cached" else []
         if self.mode == "cached":

@@ -60,6 +60,7 @@ from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOUR_OF, KFAC
 from curvscope.curvature.objective import Progress, differentiate, no_progress
 from curvscope.curvature.operator import CurvatureOperator
 from curvscope.curvature.partition import Partition, owner
+from curvscope.curvature.ranks import all_sum_array, all_sum_tensors, global_batch, world
 from curvscope.errors import CurvscopeError, summary
 from curvscope.sources.losses import IGNORE_INDEX, LOSSES, class_scores, counted
 
@@ -286,8 +287,9 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
     sums_b: dict[str, torch.Tensor] = {}
     positions: dict[str, int] = {}
     dropped: set[str] = set()
-    generator = torch.Generator().manual_seed(seed)
     for b in range(len(obj.batches)):
+        # MC labels seeded per batch of the whole set: the same draws however many processes share the batches
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + global_batch(b))
         calls: dict[str, list[torch.Tensor | None]] = {lay.layer: [] for lay in layers}  # per call: Σ ã ãᵀ
         outputs: dict[str, torch.Tensor] = {}
 
@@ -335,6 +337,7 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
                 acc = _second_moment(g.flatten(1, 2), w)
                 sums_b[lay.layer] = sums_b[lay.layer] + acc if lay.layer in sums_b else acc
         progress("k-fac", b + 1, len(obj.batches))
+    _sum_over_ranks(op, layers, sums_a, sums_b, positions, dropped)
     n = obj.n_samples
     kept = []
     for lay in layers:
@@ -347,6 +350,26 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
         kept.append(lay)
     return KFAC(flavour, approximation, kept, list(op.names), mc_samples if flavour == "mc" else 1, seed, n,
                 time.perf_counter() - start)
+
+
+def _sum_over_ranks(op: CurvatureOperator, layers: list[KroneckerLayer], sums_a: dict[str, torch.Tensor],
+                    sums_b: dict[str, torch.Tensor], positions: dict[str, int], dropped: set[str]) -> None:
+    """The factor sums of every rank of a distributed run, in place (nothing in one process): a layer kept exact
+    on one rank is kept exact on all; the sums of the others add."""
+    if world()[1] == 1:
+        return
+    for lay, flag in zip(layers, all_sum_array([lay.layer in dropped for lay in layers])):
+        if flag:
+            dropped.add(lay.layer)
+    live = [lay for lay in layers if lay.layer not in dropped and lay.layer in sums_a]
+    for lay in live:
+        if lay.layer not in sums_b:  # Λ = 0 on every batch of this rank
+            d_out = op.params[lay.weight].shape[0] // lay.groups
+            sums_b[lay.layer] = sums_a[lay.layer].new_zeros(lay.groups, d_out, d_out)
+    counts = all_sum_array([positions.get(lay.layer, 0) for lay in live])
+    for lay, c in zip(live, counts):
+        positions[lay.layer] = int(round(c))
+    all_sum_tensors([t for lay in live for t in (sums_a[lay.layer], sums_b[lay.layer])])
 
 
 def _second_moment(v: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,10 +11,15 @@ fixed reference K (the first value added) so that the variance does not cancel c
 with d_b = x_b − K and m = mean − K,
 
     Σ_b w_b² (x_b − mean)² = Σ w_b² d_b² − 2 m Σ w_b² d_b + m² Σ w_b².
+
+Sums taken with different references add once moved to a common one (:meth:`WeightedMoments.summed`, for the
+ranks of a distributed run): with δ = K_r − K, Σ w² (x − K) = Σ w² d + δ Σ w² and
+Σ w² (x − K)² = Σ w² d² + 2δ Σ w² d + δ² Σ w².
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -56,3 +61,22 @@ class WeightedMoments:
         m = mean - (self.shift if self.shift is not None else 0.0)
         spread = self.second - 2 * m * self.first + m * m * self.weight2
         return np.sqrt(self.count / (self.count - 1) * np.maximum(spread, 0.0))
+
+    def summed(self, add: Callable[[np.ndarray], np.ndarray]) -> "WeightedMoments":
+        """The moments of every batch of every process, `add` summing a float64 array over them (e.g.
+        :func:`curvscope.curvature.ranks.all_sum_array`); the reference is the mean of the processes' own."""
+        mean = self.mean
+        has = float(self.count > 0)
+        shift = np.zeros_like(mean) if self.shift is None else self.shift
+        common = add(np.concatenate([[has], (has * shift).reshape(-1)]))
+        if common[0] == 0:
+            return self
+        k = common[1:].reshape(mean.shape) / common[0]
+        delta = shift - k
+        first = self.first + delta * self.weight2
+        second = self.second + 2 * delta * self.first + delta * delta * self.weight2
+        parts = [np.asarray(a, dtype=np.float64) * np.ones_like(mean) for a in (self.total, first, second)]
+        total = add(np.concatenate([[self.count, self.weight2]] + [a.reshape(-1) for a in parts]))
+        size = mean.size
+        out = [total[2 + i * size:2 + (i + 1) * size].reshape(mean.shape) for i in range(3)]
+        return WeightedMoments(k, int(round(total[0])), out[0], float(total[1]), out[1], out[2])

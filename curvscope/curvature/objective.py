@@ -54,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvscope.curvature.data_conv import data_convolutions
 from curvscope.curvature.defaults import BATCHNORM_MODES
+from curvscope.curvature.ranks import all_sum_array, world
 from curvscope.errors import CurvscopeError, summary
 from curvscope.sources.losses import LossFn
 
@@ -231,6 +232,7 @@ class Objective:
     batches: Sequence[Batch]
     output_key: OutputKey = None
     batchnorm: str = "eval"
+    n_total: int = 0  # N over every rank of a distributed run (0: this process's own count)
 
     def __post_init__(self) -> None:
         self.configure(self.output_key, self.batchnorm)
@@ -240,9 +242,13 @@ class Objective:
                batchnorm: str = "eval") -> "Objective":
         """Materialise `batches` (several passes are made over them) and check they are usable."""
         kept = [(x, y) for x, y in batches]
-        if not kept or sum(int(x.shape[0]) for x, _ in kept) == 0:
-            raise CurvscopeError("the analysis set is empty: no batch holds a sample.")
-        return cls(model, loss_fn, kept, output_key, batchnorm)
+        local = sum(int(x.shape[0]) for x, _ in kept)
+        rank, size = world()
+        if not kept or local == 0:
+            where = f" of rank {rank} (each process of a distributed run needs its own batches)" if size > 1 else ""
+            raise CurvscopeError(f"the analysis set{where} is empty: no batch holds a sample.")
+        total = int(all_sum_array([local])[0])
+        return cls(model, loss_fn, kept, output_key, batchnorm, total)
 
     def configure(self, output_key: OutputKey = None, batchnorm: str = "eval") -> "Objective":
         """Set which output entry holds the predictions and which statistics BatchNorm uses (checked); `self`."""
@@ -258,12 +264,18 @@ class Objective:
         return model_outputs(self.model, x, output_key=self.output_key, batchnorm=self.batchnorm, params=params)
 
     @property
-    def n_samples(self) -> int:
+    def local_samples(self) -> int:
+        """The samples of this process's batches."""
         return sum(int(x.shape[0]) for x, _ in self.batches)
 
     @property
+    def n_samples(self) -> int:
+        """N, the samples of the whole analysis set (over every rank of a distributed run)."""
+        return self.n_total or self.local_samples
+
+    @property
     def weights(self) -> list[float]:
-        """n_b / N for each batch."""
+        """n_b / N for each of this process's batches."""
         n = self.n_samples
         return [int(x.shape[0]) / n for x, _ in self.batches]
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from curvscope.curvature import ranks
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY
 from curvscope.curvature.kinds import CurvatureKind
 from curvscope.curvature.moments import WeightedMoments
@@ -82,7 +83,8 @@ def full_gradient(obj: Objective, params: Sequence[torch.Tensor], progress: Prog
                 acc.add_(g.to(torch.float64), alpha=w)
         loss += w * float(value.detach())
         progress("gradient", b + 1, len(obj.batches))
-    return grad, loss
+    ranks.all_sum_tensors(grad)
+    return grad, float(ranks.all_sum_array([loss])[0])
 
 
 def saved_bytes() -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[int, int]]:
@@ -206,6 +208,7 @@ class CurvatureOperator(ABC):
     def block_product(self, indices: list[int], v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """C_BB v for the tensors `indices`, accumulated in float64 over the batches, into `out` when given
         (a new vector of a large model's size costs page faults)."""
+        ranks.announce(indices, v, len(self.params))  # rank 0 leading a solver: the other ranks multiply too
         chunks, start = [], 0
         for i in indices:
             p = self.params[i]
@@ -219,7 +222,7 @@ class CurvatureOperator(ABC):
                     out[start:start + c.numel()].add_(h.reshape(-1), alpha=w)
                 start += c.numel()
         self.count += 1
-        return out
+        return ranks.combine(out)
 
     def projection(self, part: Partition, *, strategy: str = "auto",
                    gradient: tuple[list[torch.Tensor], float] | None = None,
@@ -238,6 +241,7 @@ class CurvatureOperator(ABC):
             cb = first if b == 0 and first is not None else self.batch_projection(b, u, u64, part, chosen)
             moments.add(w, cb.cpu().numpy())
             progress(f"pseudo-{self.kind.short}", b + 1, len(self.obj.weights))
+        moments = moments.summed(ranks.all_sum_array)
         cbar, stderr, B = moments.mean, moments.stderr, moments.count
         gbar = part.group_sums([g * g for g in u64], torch.zeros(part.size, dtype=torch.float64,
                                                                   device=u64[0].device)).cpu().numpy()

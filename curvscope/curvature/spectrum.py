@@ -13,12 +13,13 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from curvscope.curvature import ranks
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
 from curvscope.curvature.hutchpp import hutchpp, hutchpp_parts
 from curvscope.curvature.kinds import DEFAULT_CURVATURE
@@ -42,6 +43,8 @@ from curvscope.sources.losses import LossFn
 #: at the default width matches full reorthogonalisation's to 1e-9 of the peak (moments to 1e-14), with 4 vectors
 #: held instead of steps + 2; its nodes hold ghost copies of converged outliers, their weight split between them.
 SLQ_REORTHOGONALISE = "none"
+
+T = TypeVar("T")
 
 
 def fitted_basis(n: int, k: int, budget: int) -> int:
@@ -122,6 +125,12 @@ def _reported(op: BlockOperator, report: Callable[[], None]) -> _Reported:
     return _Reported(op.curvature, op.indices, op.names, op.dim, report)
 
 
+def _led(hp: CurvatureOperator, solve: Callable[[], T]) -> T:
+    """solve() on rank 0 of a distributed run while the other ranks serve its products, every rank returning its
+    result (see curvature/ranks.py); simply solve() in one process."""
+    return ranks.lead(solve, hp.block_product, [p.numel() for p in hp.params], hp.device)
+
+
 @contextmanager
 def _operator(source: Source, loss_fn: LossFn | None, batches: Iterable[Batch] | None, curvature: str,
               max_memory: int, device: str | torch.device | None,
@@ -152,8 +161,8 @@ def eigenvalues(source: Source, loss_fn: LossFn | None = None, batches: Iterable
     most extreme first; `.converged` flags each one.
     """
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
-        return block_eigenvalues(op.operator(group), k, which, tol=tol, max_steps=max_steps, seed=seed,
-                                 verify=verify, group=group or "")
+        return _led(op, lambda: block_eigenvalues(op.operator(group), k, which, tol=tol, max_steps=max_steps,
+                                                  seed=seed, verify=verify, group=group or ""))
 
 
 def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
@@ -162,7 +171,7 @@ def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch
           dtype: torch.dtype | None = None) -> TraceResult:
     """tr(C) or tr(C_BB) by Hutch++, with `.value` and `.stderr` (`source` as in :func:`eigenvalues`)."""
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
-        return block_trace(op.operator(group), matvecs, seed=seed, group=group or "")
+        return _led(op, lambda: block_trace(op.operator(group), matvecs, seed=seed, group=group or ""))
 
 
 def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
@@ -177,7 +186,7 @@ def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Ite
     from each Gaussian probe; σ = width x (span of the nodes).
     """
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
-        return block_density(op.operator(group), runs, steps, width=width, seed=seed)
+        return _led(op, lambda: block_density(op.operator(group), runs, steps, width=width, seed=seed))
 
 
 BLOCK_SPECTRA = ("layer", "tensor", "off")
@@ -216,8 +225,16 @@ def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max
 
     Memory: the Lanczos runs hold at most `basis` float64 vectors, the largest basis up to the default whose
     vectors fit `max_memory` bytes (the operator's budget when None); SLQ holds four. The progress stage says
-    how much before the first product.
+    how much before the first product. In a distributed run, rank 0 runs the solvers and every rank multiplies
+    its own batches (see curvature/ranks.py); every rank returns the result.
     """
+    return _led(hp, lambda: _spectrum(hp, k, tol, max_steps, slq_runs, slq_steps, trace_matvecs, seed, blocks,
+                                      max_memory, progress))
+
+
+def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_runs: int, slq_steps: int,
+              trace_matvecs: int, seed: int, blocks: str | bool, max_memory: int | None,
+              progress: Progress) -> SpectrumResult:
     if isinstance(blocks, bool):
         blocks = "tensor" if blocks else "off"
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from torch import nn
 from curvscope.curvature.objective import Batch, Objective, OutputKey
 from curvscope.curvature.operator import full_gradient
 from curvscope.curvature.partition import Partition, make_partition, trainable
+from curvscope.curvature.ranks import all_sum_array
 from curvscope.sources.losses import LossFn
 
 
@@ -40,5 +41,6 @@ def loss_after_steps(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch]
                 rate = eta_t[a] if isinstance(a, int) else eta_t[a.to(eta_t.device)]
                 p.copy_((p0.to(torch.float64) - rate * g).to(p.dtype))
             total = sum(w * float(obj.batch_loss(b, finite=False)) for b, w in enumerate(obj.weights))
+        total = float(all_sum_array([total])[0])
         out.append(total if np.isfinite(total) else np.inf)
     return loss0, np.asarray(out)
