@@ -693,8 +693,10 @@ def kfac_notes(rows: list[dict]) -> list[str]:
             out.append(f"- {r['model']}, {r['flavour']}: curvscope / curvlinops = {r['ratio_to_curvlinops']:.2f} in "
                        f"total, {r['factors_ratio_to_curvlinops']:.2f} for the factor pass alone (no target)")
     if any(r["flavour"] == "mc" for r in rows):
-        out.append("- mc: both tools draw their labels by torch.multinomial from a generator seeded 0, batch by batch, "
-                   "so they draw the same labels and their K̄ agree like the other flavours'")
+        out.append("- mc: both tools draw labels by torch.multinomial; curvlinops from one generator seeded 0 for all "
+                   "the batches, curvscope from one per batch (batch b seeded 0 + 1000003 b, so that its draws do "
+                   "not depend on how many processes share the batches): they draw the same labels on the first "
+                   "batch only, so the mc difference is a sampling difference, not an error")
     out.append("- curvlinops runs with separate_weight_and_bias=False (curvscope's joint [W | b] factors); with its "
                "default (True) the weight-bias entries of K̄ are 0")
     return out
@@ -1014,6 +1016,98 @@ def models_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- distributed suite (issue #17)
+
+#: Strong scaling on CPU: the same VGG-11' and N = 512 CIFAR-shaped samples (batches of 64) in 1 and 2 torchrun
+#: processes of one thread each. H̄: the gradient pass and the projection; spectra: the Hutch++ trace with
+#: `trace_matvecs` Hessian-vector products, whose solver runs on rank 0 while every rank multiplies its batches
+#: (the path of every spectrum); per-product time and rate given too.
+DISTRIBUTED = {"vgg11": {"samples": 512, "batch_size": 64, "trace_matvecs": 12, "ranks": [1, 2]}}
+
+
+def distributed_row(name: str) -> dict:
+    """One process of a distributed run (under torchrun): every stage timed between barriers; rank 0's row."""
+    import torch.distributed as dist
+
+    from curvscope import curvature_operator, trace
+    from curvscope.curvature.operator import full_gradient
+    from curvscope.curvature.partition import make_partition
+    from curvscope.curvature.ranks import join, shard, world
+
+    join("cpu")
+    cfg = DISTRIBUTED[name]
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    batches = shard(cifar_shaped(cfg["samples"], cfg["batch_size"]))
+    part = make_partition(model, "canonical")
+    loss_fn = build_loss("nll")  # as in the pseudo-Hessian suite
+    times: dict[str, float] = {}
+
+    def stage(key: str, fn: Callable[[], Any]) -> Any:
+        dist.barrier() if dist.is_initialized() else None
+        start = time.perf_counter()
+        out = fn()
+        dist.barrier() if dist.is_initialized() else None
+        times[key] = time.perf_counter() - start
+        return out
+
+    with curvature_operator(model, loss_fn, batches, "hessian") as op:
+        gradient = stage("gradient_s", lambda: full_gradient(op.obj, op.params))
+        res = stage("projection_s", lambda: op.projection(part, gradient=gradient))
+        stage("graphs_s", op.prepare)  # built once before the products, on every rank
+        tr = stage("trace_s", lambda: trace(op, matvecs=cfg["trace_matvecs"]))
+        products = op.count
+    rank, size = world()
+    return {"model": name, "ranks": size, "threads": torch.get_num_threads(), "samples": cfg["samples"],
+            "batch_size": cfg["batch_size"], "batches_rank0": len(batches), **times,
+            "pseudo_s": times["gradient_s"] + times["projection_s"], "products": products,
+            "product_s": times["trace_s"] / max(products, 1), "hbar": res.pseudo_hessian.tolist(),
+            "trace": tr.value, "peak_rss_mib": _status_kib("VmHWM") / 1024, "rank": rank}
+
+
+def bench_distributed(name: str) -> list[dict]:
+    """`name` under torchrun with each number of ranks of DISTRIBUTED, one thread each, in fresh processes."""
+    rows = []
+    for ranks in DISTRIBUTED[name]["ranks"]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               __file__, "--distributed-row", name, "--threads", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            rows.append({"model": name, "ranks": ranks, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+            continue
+        rows.append({**json.loads(lines[-1]), "error": None})
+    base = next((r for r in rows if r.get("ranks") == 1 and not r["error"]), None)
+    for r in rows:
+        if base is not None and not r["error"]:
+            r["speedup_pseudo"] = base["pseudo_s"] / r["pseudo_s"]
+            r["speedup_trace"] = base["trace_s"] / r["trace_s"]
+            r["hbar_rel_diff"] = _max_rel_diff(np.asarray(r["hbar"]), np.asarray(base["hbar"]))
+            r["trace_rel_diff"] = abs(r["trace"] - base["trace"]) / abs(base["trace"])
+    return rows
+
+
+def distributed_markdown(rows: list[dict]) -> str:
+    lines = ["Strong scaling on CPU (torchrun --standalone, gloo, one torch thread per process): H̄ is the gradient "
+             "pass and the projection; spectra, the Hutch++ trace's Hessian-vector products (solver on rank 0, "
+             "products summed over the ranks). Speed-up against 1 process; difference: max relative difference "
+             "of H̄ (and of the trace) from the 1-process run.", "",
+             "| model | N | B | processes | H̄ | speed-up | spectra (products) | per product | speed-up | "
+             "peak RSS (rank 0) | H̄ diff. | trace diff. |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | | | {r['ranks']} | failed: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['samples']} | {r['batch_size']} | {r['ranks']} | {r['pseudo_s']:.1f} s | "
+                     f"**{r.get('speedup_pseudo', float('nan')):.2f}x** | {r['trace_s']:.1f} s ({r['products']}) | "
+                     f"{r['product_s']:.2f} s | **{r.get('speedup_trace', float('nan')):.2f}x** | "
+                     f"{_mib(r['peak_rss_mib'])} | {r.get('hbar_rel_diff', float('nan')):.1e} | "
+                     f"{r.get('trace_rel_diff', float('nan')):.1e} |")
+    lines.append("")
+    lines += run_footer(rows)
+    return "\n".join(lines)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -1023,7 +1117,7 @@ def _cpu_model() -> str:
 
 
 SUITE_MODELS = {"pseudo-hessian": list(SETTINGS), "spectrum": list(SETTINGS), "curvatures": list(SETTINGS),
-                "kfac": list(SETTINGS), "models": list(MODELS_SUITE)}
+                "kfac": list(SETTINGS), "models": list(MODELS_SUITE), "distributed": list(DISTRIBUTED)}
 
 
 def suite_models(suite: str, requested: list[str] | None) -> list[str]:
@@ -1060,6 +1154,7 @@ def main() -> None:
                              '\'{"gpt2-1e8": {"samples": 4}}\'')
     parser.add_argument("--probe", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     parser.add_argument("--models-row", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--distributed-row", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
@@ -1073,6 +1168,11 @@ def main() -> None:
     if args.models_row:  # one row of the models suite, in this (fresh) process, as JSON on the last line
         cfg = models_config(args.models_row, args.smoke, args.models_config.get(args.models_row))
         print(json.dumps(models_row(args.models_row, cfg)))
+        return None
+    if args.distributed_row:  # one process of a torchrun launch of the distributed suite; rank 0 prints its row
+        row = distributed_row(args.distributed_row)
+        if row["rank"] == 0:
+            print(json.dumps(row))
         return None
     if not (isinstance(args.models_config, dict) and all(isinstance(v, dict) for v in args.models_config.values())):
         parser.error("--models-config takes a JSON object of objects, e.g. '{\"gpt2\": {\"samples\": 8}}'")
@@ -1098,7 +1198,8 @@ def main() -> None:
               "kfac": ("kfac", lambda m: bench_kfac(m, args.repeat, args.flavours, not args.no_memory,
                                                     args.check_float64), kfac_markdown),
               "models": ("models", lambda m: [bench_models(m, args.smoke, args.models_config.get(m))],
-                         models_markdown)}
+                         models_markdown),
+              "distributed": ("distributed", bench_distributed, distributed_markdown)}
     for suite in args.suites:
         stem, run, table_of = suites[suite]
         names = suite_models(suite, args.models)

@@ -288,8 +288,9 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
     positions: dict[str, int] = {}
     dropped: set[str] = set()
     for b in range(len(obj.batches)):
-        # MC labels seeded per batch of the whole set: the same draws however many processes share the batches
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + global_batch(b))
+        # MC labels seeded per batch of the whole set (batch 0 by `seed` itself): the same draws however many
+        # processes share the batches
+        generator = torch.Generator().manual_seed(seed + 1_000_003 * global_batch(b))
         calls: dict[str, list[torch.Tensor | None]] = {lay.layer: [] for lay in layers}  # per call: Σ ã ãᵀ
         outputs: dict[str, torch.Tensor] = {}
 
