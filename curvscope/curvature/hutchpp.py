@@ -44,13 +44,40 @@ def _part_sums(v: torch.Tensor, sizes: list[int]) -> np.ndarray:
     return torch.stack([part.sum() for part in torch.split(v, sizes)]).cpu().numpy()
 
 
+def _into(matvec: MatVec, v: torch.Tensor, out: torch.Tensor) -> None:
+    """out ← C v (a matvec may ignore `out` and return a new vector)."""
+    product = matvec(v, out)
+    if product.data_ptr() != out.data_ptr():
+        out.copy_(product)
+
+
+def _orthonormalise(rows: torch.Tensor) -> int:
+    """Orthonormalise `rows` in place (classical Gram-Schmidt, twice), moving to the front those not in the span
+    of the rows before them; how many there are. No second copy of the rows is made."""
+    kept = 0
+    for i in range(rows.shape[0]):
+        v = rows[i]
+        size = float(torch.linalg.vector_norm(v))
+        for _ in range(2 if kept else 0):
+            v.addmv_(rows[:kept].T, rows[:kept] @ v, alpha=-1)
+        norm = float(torch.linalg.vector_norm(v))
+        if norm <= 1e-12 * size or norm == 0.0:
+            continue  # C Z has lower rank than s: this column adds nothing
+        v.div_(norm)
+        if kept != i:
+            rows[kept].copy_(v)
+        kept += 1
+    return kept
+
+
 def hutchpp_parts(matvec: MatVec, n: int, matvecs: int, sizes: Sequence[int], *, generator: torch.Generator,
                   device: torch.device) -> SharedTraces:
     """tr(C) by Hutch++ and tr(C_BB) of every part B (consecutive ranges of `sizes` scalars) from the same products.
 
     Hutch++ with s = max(⌊matvecs/3⌋, 2): Q spans C Z for s Rademacher columns Z, and
     tr(C) = tr(QᵀCQ) + E_g[gᵀÂg], Â = (I−QQᵀ)C(I−QQᵀ), estimated with s more Rademacher g (3s
-    products: C Z, C Q, C ĝ with ĝ = (I−QQᵀ)g). With P_B the coordinate projection on B,
+    products: C Z, C Q, C ĝ with ĝ = (I−QQᵀ)g). Memory: s + 4 vectors of n entries (Q is formed in the
+    sketch's place). With P_B the coordinate projection on B,
     C = QQᵀC + (I−QQᵀ)CQQᵀ + Â gives, for every B at once and without another product,
 
         tr(C_BB) = Σ_i q_iBᵀ(Cq_i + r_i)_B + E_g[g_Bᵀ(Âg)_B],   r_i = (I−QQᵀ)Cq_i,  Âg = (I−QQᵀ)Cĝ:
@@ -69,24 +96,28 @@ def hutchpp_parts(matvec: MatVec, n: int, matvecs: int, sizes: Sequence[int], *,
         value = float(sum(float(d) for d in diag))
         return SharedTraces(value, 0.0, True, n, _part_sums(diag, sizes), np.zeros((1, len(sizes))))
     s = max(matvecs // 3, 2)
-    sketch = torch.stack([matvec(random_start(n, generator, device, rademacher=True)) for _ in range(s)], 1)
-    q, _ = torch.linalg.qr(sketch)
-    del sketch
+    q = torch.empty(s, n, dtype=torch.float64, device=device)  # the sketch C Z, then Q's rows in its place
+    for i in range(s):
+        _into(matvec, random_start(n, generator, device, rademacher=True), q[i])
+    q = q[:_orthonormalise(q)]
+    w = torch.empty(n, dtype=torch.float64, device=device)  # every later product goes here
     low_rank, deflated = 0.0, np.zeros(len(sizes))
-    for i in range(q.shape[1]):
-        cq = matvec(q[:, i])
-        low_rank += float(q[:, i] @ cq)
-        r = cq - q @ (q.T @ cq)
-        deflated += _part_sums(q[:, i] * (cq + r), sizes)
+    for i in range(q.shape[0]):
+        _into(matvec, q[i], w)
+        low_rank += float(q[i] @ w)
+        coef = q @ w
+        w.mul_(2).addmv_(q.T, coef, alpha=-1)  # Cq_i + r_i = 2Cq_i − QᵀQCq_i
+        deflated += _part_sums(q[i] * w, sizes)
     terms, frob, per_part = [], [], []
     for _ in range(s):
         g = random_start(n, generator, device, rademacher=True)
-        g_hat = g - q @ (q.T @ g)
-        hg = matvec(g_hat)
-        a = hg - q @ (q.T @ hg)
-        terms.append(float(g_hat @ hg))
-        frob.append(float(torch.linalg.vector_norm(a) ** 2))
-        per_part.append(_part_sums(g * a, sizes))
+        g_hat = g - q.T @ (q @ g)
+        _into(matvec, g_hat, w)
+        terms.append(float(g_hat @ w))
+        del g_hat
+        w.addmv_(q.T, q @ w, alpha=-1)  # a = (I − QQᵀ) C ĝ
+        frob.append(float(torch.linalg.vector_norm(w) ** 2))
+        per_part.append(_part_sums(g.mul_(w), sizes))
     # Var(gᵀAg) = 2(‖A‖_F² − Σ A_ii²) <= 2‖A‖_F² for Rademacher g, and ‖A g‖² estimates ‖A‖_F²: a
     # conservative standard error for the whole model that, unlike the sample variance of s terms, is
     # not itself noisy when s is small.

@@ -244,7 +244,7 @@ def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_run
     whole = _reported(hp.operator(None), lambda: progress(stage, done, total))
     budget = hp.max_memory if max_memory is None else max_memory
     basis = fitted_basis(whole.dim, k, budget)
-    sketch = 8 * whole.dim * (2 * (trace_matvecs // 3) + 2)  # Hutch++'s sketch and its products, about
+    sketch = 8 * whole.dim * (max(trace_matvecs // 3, 2) + 4)  # Hutch++: its sketch (Q in its place) and 4 more
     held = max(lanczos_memory(whole.dim, k, basis), slq_memory(whole.dim, slq_steps, SLQ_REORTHOGONALISE), sketch)
     if held > budget:
         raise CurvscopeError(f"the spectra need {held / 2**20:.0f} MiB of float64 vectors of {whole.dim} entries "
