@@ -18,6 +18,7 @@ import torch
 
 from curvscope import __version__
 from curvscope.curvature.defaults import BATCHNORM_MODES
+from curvscope.curvature.hessian import HessianOperator
 from curvscope.curvature.kfac import kfac
 from curvscope.curvature.kinds import KFAC_FLAVOUR_OF, record_label
 from curvscope.curvature.newton_step import collinear_description, collinear_groups, newton_step
@@ -37,9 +38,10 @@ from curvscope.curvature.registry import curvature_operator
 from curvscope.curvature.spectrum import spectrum
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.errors import CurvscopeError
-from curvscope.measures.interactions import Interactions, interactions
+from curvscope.measures.cubic import DAMPING_GRID, cubic_learning_rates
+from curvscope.measures.interactions import Interactions, Step, interactions
 from curvscope.measures.kfac import kfac_measures
-from curvscope.results import KFACResult, NewtonStep, PseudoHessianResult, SpectrumResult
+from curvscope.results import KFACResult, NewtonStep, Order3Result, PseudoHessianResult, SpectrumResult
 from curvscope.settings import AnalysisOptions
 from curvscope.sources.checkpoint import Checkpoint, load_checkpoint
 from curvscope.sources.datasets import analysis_batches, build_dataset
@@ -60,6 +62,7 @@ class AnalysisRecord:
     loss_after: np.ndarray  # L(θ − Σ η_s U_s) for each of interactions.steps
     spectrum: SpectrumResult | None = None
     kfac: KFACResult | None = None  # for the GGN and the Fisher, unless --kfac off or K-FAC was not possible
+    order3: Order3Result | None = None  # for the Hessian with --order3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,16 +123,27 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
             inter = interactions(pseudo.pseudo_gradient, pseudo.pseudo_hessian, pseudo.pseudo_hessian_stderr,
                                  step.inverse, pseudo.kinds, pseudo.layers, step.positive_definite)
             kfac_parts, kfac_note = _kfac(op, part, gradient[0], pseudo, step, options, progress)
+            order3 = _order3(op, part, gradient, pseudo, options, progress)
             spec = None if not options.spectrum else spectrum(
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
                 seed=options.seed, blocks=options.block_spectra, max_memory=options.max_memory, progress=progress)
+        if order3 is not None:  # the cubic steps asked for join the interaction steps
+            inter = replace(inter, steps=inter.steps + cubic_steps(order3, inter))
         etas = [st.learning_rates for st in inter.steps]
         if kfac_parts is not None:
             etas.append(kfac_parts.measures.step.learning_rates)
-        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, etas, gradient=gradient,
-                                    output_key=options.output_key, batchnorm=options.batchnorm)
-        kf = None if kfac_parts is None else replace(kfac_parts, actual_decrease=pseudo.loss - float(after[-1]))
+        found = [] if order3 is None else [i for i, st in enumerate(order3.steps) if st.found]
+        etas += [order3.steps[i].learning_rates for i in found] if order3 is not None else []
+        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [e for e in etas if np.all(np.isfinite(e))],
+                                    gradient=gradient, output_key=options.output_key, batchnorm=options.batchnorm)
+        after = _spread(after, [bool(np.all(np.isfinite(e))) for e in etas])
+        kf = None if kfac_parts is None else replace(kfac_parts,
+                                                     actual_decrease=pseudo.loss - float(after[len(inter.steps)]))
+        if order3 is not None:
+            actual = np.full(len(order3.steps), np.nan)
+            actual[found] = pseudo.loss - after[len(after) - len(found):]
+            order3 = replace(order3, actual_decrease=actual)
         attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
                  "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
                  "kfac_note": kfac_note, "collinear": collinear,
@@ -137,7 +151,7 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "gradient_s": gradient_s, "pseudo_s": pseudo_s, "elapsed_s": time.perf_counter() - start}
         records.append(AnalysisRecord(record_label(label or default_label(path), curvature), attrs, pseudo, step,
-                                      inter, after[:len(inter.steps)], spec, kf))
+                                      inter, after[:len(inter.steps)], spec, kf, order3))
         start = time.perf_counter()
     return records
 
@@ -159,6 +173,36 @@ def _kfac(op: CurvatureOperator, part: Partition, u: list[torch.Tensor], pseudo:
     return KFACResult(factors.flavour, factors.approximation, factors.mc_samples, factors.seed,
                       time.perf_counter() - start, tuple(factors.exact), kbar, np.asarray(rules, dtype=str), measures,
                       float("nan")), ""
+
+
+def _order3(op: CurvatureOperator, part: Partition, gradient: tuple[list[torch.Tensor], float],
+            pseudo: PseudoHessianResult, options: AnalysisOptions, progress: Progress) -> Order3Result | None:
+    """D and the cubic-regularised learning rates for every λ_int asked for and of the figure's grid (actual
+    decreases still unknown); None unless --order3 on a Hessian record."""
+    if not options.order3 or not isinstance(op, HessianOperator):
+        return None
+    start = time.perf_counter()
+    d, stderr = op.order3(part, gradient, progress)
+    lams = sorted(set(options.damping_int) | set(DAMPING_GRID))
+    steps = tuple(cubic_learning_rates(pseudo.pseudo_hessian, pseudo.pseudo_gradient, d, lam) for lam in lams)
+    return Order3Result(d, stderr, steps, np.array([lam in options.damping_int for lam in lams]),
+                        np.full(len(lams), np.nan), time.perf_counter() - start)
+
+
+def cubic_steps(order3: Order3Result, inter: Interactions) -> list[Step]:
+    """The cubic-regularised steps the user asked for, as interaction steps: predicted decrease q₃(η), and
+    efficiency q₃(η)/q* (q* Newton's, when H̄ is positive definite); NaN when no step was found."""
+    q_star = inter.step("newton").predicted
+    return [Step(f"cubic (λ_int={st.damping_int:g})", "cubic", "", st.learning_rates, st.predicted_decrease,
+                 st.predicted_decrease / q_star if inter.positive_definite and q_star > 0 else float("nan"))
+            for st, asked in zip(order3.steps, order3.requested) if asked]
+
+
+def _spread(values: np.ndarray, kept: list[bool]) -> np.ndarray:
+    """`values` (one per kept entry) in place of the kept entries of a list of len(kept); NaN elsewhere."""
+    out = np.full(len(kept), np.nan)
+    out[np.flatnonzero(kept)] = values
+    return out
 
 
 def _prepare(path: str | Path, options: AnalysisOptions,

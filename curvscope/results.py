@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from curvscope.measures.cubic import CubicStep
     from curvscope.measures.kfac import KFACMeasures
 
 
@@ -168,3 +169,16 @@ class KFACResult:
     rules: np.ndarray  # (S,) str: the rule of each group's layer ("linear", "conv2d", "exact")
     measures: "KFACMeasures"
     actual_decrease: float  # L(θ) − L(θ − Σ_s η_K,s U_s)
+
+
+@dataclass(frozen=True)
+class Order3Result:
+    """The order-3 diagonal D of the Hessian along each group's direction and the paper's cubic-regularised
+    learning rates for several λ_int (see curvscope.measures.cubic)."""
+
+    diagonal: np.ndarray  # (S,) D_s = ∂³L/∂η_s³ at η = 0, for η ↦ L(θ − Σ_t η_t U_t)
+    stderr: np.ndarray  # (S,) its standard error across batches
+    steps: tuple["CubicStep", ...]  # one per λ_int, ascending
+    requested: np.ndarray  # (m,) bool: a λ_int the user asked for (these join the interaction steps)
+    actual_decrease: np.ndarray  # (m,) L(θ) − L(θ − Σ_s η_s U_s); NaN where no step was found
+    elapsed_s: float

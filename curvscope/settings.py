@@ -100,6 +100,11 @@ class AnalysisOptions:
     kfac_approximation: str = setting("expand", "How K-FAC treats the positions of weight-shared layers (sequence "
                                                 "steps, pixels of a convolution): expand (each is a sample) or reduce "
                                                 "(summed out first).", "choice", choices=KFAC_APPROXIMATIONS)
+    order3: bool = setting(False, "Hessian records: the order-3 diagonal D (H̄'s diagonal differentiated once "
+                                  "more along each group's direction) and the paper's cubic-regularised learning "
+                                  "rates, which join the interaction steps.", "flag")
+    damping_int: tuple[float, ...] = setting((1.0,), "λ_int of the cubic-regularised learning rates (with --order3); "
+                                                     "repeat for several [default: the paper's 1].", "number", low=0)
     max_memory: int = setting(DEFAULT_MAX_MEMORY, "Keep the graphs of the analysis set for reuse when they fit "
                                                   "this size (e.g. 512M, 2G), else recompute them; the spectra's "
                                                   "vectors must fit it too (the Lanczos basis shrinks to fit).",
@@ -123,9 +128,12 @@ def _fits(meta: Any, value: Any) -> tuple[bool, str]:
     if kind in ("count", "memory"):
         return whole and low <= value <= INT64_MAX, f"a whole number from {low} to {INT64_MAX}"
     if kind == "number":
-        real = (whole or isinstance(value, float)) and math.isfinite(value)
-        inside = real and (value > low if meta["open_low"] else value >= low) and (high is None or value <= high)
-        return inside, f"a number in {'(' if meta['open_low'] else '['}{low:g}, {high:g}]"
+        def fits(v: Any) -> bool:
+            real = (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+            return real and (v > low if meta["open_low"] else v >= low) and (high is None or v <= high)
+        values = value if isinstance(value, tuple) else (value,)
+        span = f"{'(' if meta['open_low'] else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+        return bool(values) and all(fits(v) for v in values), f"a number in {span}"
     if kind == "choice":
         values = value if isinstance(value, tuple) else (value,)
         return all(v in meta["choices"] for v in values), f"one of {', '.join(meta['choices'])}"

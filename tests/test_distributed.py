@@ -123,6 +123,17 @@ def test_torchrun_analyse_writes_once_what_one_process_writes(tmp_path: Path) ->
     _compare(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
+def test_torchrun_audit_of_a_checkpoint_reports_once(tmp_path: Path) -> None:
+    ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
+    args = ["-m", "curvscope", "audit", str(ck), "--samples", "37", "--batch-size", "8", "--json"]
+    one = _run([sys.executable] + args, tmp_path)
+    two = _run(TORCHRUN + ["--standalone", "--nproc-per-node", "2"] + args, tmp_path)
+    assert one.returncode in (0, 1) and two.returncode == one.returncode, two.stderr[-2000:]
+    assert two.stdout.count('"format": "curvscope-audit"') == 1
+    strip = [ln for ln in one.stdout.splitlines() if "elapsed" not in ln and "created" not in ln]
+    assert len(strip) == len([ln for ln in two.stdout.splitlines() if "elapsed" not in ln and "created" not in ln])
+
+
 def test_two_nodes_on_the_loopback_interface(tmp_path: Path) -> None:
     """Two torchrun agents (one process each) meet through the c10d rendezvous at 127.0.0.1."""
     ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")

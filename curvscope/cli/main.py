@@ -206,6 +206,8 @@ def _timings(record: "AnalysisRecord") -> str:
     parts.append(f"{bar} {a['pseudo_s']:.1f} s")
     if record.kfac is not None:
         parts.append(f"K-FAC {record.kfac.elapsed_s:.1f} s")
+    if record.order3 is not None:
+        parts.append(f"order-3 {record.order3.elapsed_s:.1f} s")
     if record.spectrum is not None:
         parts.append(f"spectra {record.spectrum.elapsed_s:.1f} s")
     return ", ".join(parts) + f"; {a['elapsed_s']:.1f} s in all"
@@ -236,6 +238,12 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
                        f"deviation from {bar} {k.measures.deviation[0]:.3g}, in {k.elapsed_s:.1f} s{exact}")
         if a.get("kfac_note"):
             click.echo(f"{label}: {a['kfac_note']}")
+        if record.order3 is not None:
+            for st, asked, actual in zip(record.order3.steps, record.order3.requested, record.order3.actual_decrease):
+                if asked:
+                    click.echo(f"{label}: cubic step (λ_int={st.damping_int:g}): " + (
+                        f"predicted decrease {st.predicted_decrease:.4g}, actual {actual:.4g}" if st.found
+                        else f"none found: {st.reason}"))
         if a["attention"]:
             click.echo(f"{label}: {a['attention']}.")
         for note in model_notes(a):

@@ -48,7 +48,12 @@ def _option(f: Field) -> Callable[[Callable], Callable]:
         "choice": click.Choice(meta["choices"]), "json": JsonObject(), "memory": MemorySize(), "text": None}
     multiple = isinstance(default, tuple)
     return click.option(flag, f.name, type=types[kind], default=list(default) if multiple else default,
-                        multiple=multiple, show_default=", ".join(default) if multiple else show, help=meta["help"])
+                        multiple=multiple, show_default=", ".join(map(_shown, default)) if multiple else show,
+                        help=meta["help"])
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def analysis_options(*names: str) -> Callable[[Callable], Callable]:

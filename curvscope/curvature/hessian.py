@@ -10,6 +10,8 @@ graphs are built on the first product and reused by every later one
 (``streamed``). The memory of one batch's graph is measured, not guessed, by
 counting the bytes autograd saves for it.
 
+Order-3 diagonal: D_s = −U_sᵀ∇(U_sᵀHU_s), one differentiation more of H̄'s diagonal (on request).
+
 Projection: for each batch, z_s = U_sᵀ∇L_b (one backward with a graph), then row
 s of H̄_b is the gradient of z_s dotted with each U_t, which is U_sᵀ H_b U_t.
 Strategies for the S second backward passes per batch:
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
+from curvscope.curvature import ranks
 from curvscope.curvature.kinds import KINDS
-from curvscope.curvature.objective import Objective, differentiate
+from curvscope.curvature.moments import WeightedMoments
+from curvscope.curvature.objective import Objective, Progress, differentiate, no_progress
 from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError
@@ -119,6 +124,39 @@ class HessianOperator(CurvatureOperator):
         if all(t is None for t in z):  # the loss is linear in every parameter
             return torch.zeros(part.size, part.size, dtype=torch.float64, device=u64[0].device)
         return ROWS[method or self.method](z, self.params, u64, part)
+
+    def batch_order3(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition) -> np.ndarray:
+        """D_b (S,): for each group s, D_s = −U_sᵀ ∇(U_sᵀ H_b U_s), H̄_b's diagonal entry differentiated once more
+        along U_s (float64)."""
+        grads = self.obj.gradient_with_graph(b, self.params)
+        z = part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
+        out = np.zeros(part.size)
+        for s, zs in enumerate(z):
+            if zs is None or not zs.requires_grad:
+                continue
+            hu = differentiate(zs, self.params, create_graph=True, allow_unused=True)  # H_b U_s, with its graph
+            diag = part.group_scalars([None if h is None else h * ui for h, ui in zip(hu, u)])[s]  # U_sᵀH_bU_s
+            if diag is None or not diag.requires_grad:
+                continue  # H_b is constant along U_s
+            third = differentiate(diag, self.params, retain_graph=True, allow_unused=True)
+            prods = [None if t is None else t.to(torch.float64) * ui for t, ui in zip(third, u64)]
+            out[s] = -float(part.group_sums(prods, torch.zeros(part.size, dtype=torch.float64,
+                                                               device=u64[0].device))[s])
+        return out
+
+    def order3(self, part: Partition, gradient: tuple[list[torch.Tensor], float],
+               progress: Progress = no_progress) -> tuple[np.ndarray, np.ndarray]:
+        """D_s = ∂³L/∂η_s³ at η = 0 for η ↦ L(θ − Σ_t η_t U_t), i.e. −∇³L[U_s, U_s, U_s], for every group s,
+        with u = g the full gradient (`gradient` = (g, L)): Σ_b w_b D_b exactly, and its standard error across
+        batches (streamed, and summed over the ranks of a distributed run, as C̄)."""
+        u64 = gradient[0]
+        u = [g.to(p.dtype) for g, p in zip(u64, self.params)]
+        moments = WeightedMoments()
+        for b, w in enumerate(self.obj.weights):
+            moments.add(w, self.batch_order3(b, u, u64, part))
+            progress("order-3", b + 1, len(self.obj.weights))
+        moments = moments.summed(ranks.all_sum_array)
+        return moments.mean, moments.stderr
 
     def projection_method(self, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
                           strategy: str) -> tuple[str, torch.Tensor | None]:

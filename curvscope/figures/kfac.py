@@ -29,7 +29,7 @@ def has_kfac(stored: StoredCheckpoint) -> bool:
     return "interactions/kfac/efficiency" in stored.data
 
 
-def _ticks(ax: Axes, labels: list[str], anchors: tuple[int, ...] = ()) -> None:
+def group_ticks(ax: Axes, labels: list[str], anchors: tuple[int, ...] = ()) -> None:
     """Every label, rotated 40°, when all fit along the axis; else those that fit upright, every k-th with the
     `anchors` (layer starts) first."""
     slanted = labels_that_fit(PANEL_INCHES, 7 / np.sin(np.radians(40)))
@@ -74,7 +74,7 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     positive = ratio[np.isfinite(ratio) & (ratio > 0)]
     if positive.size and (ratio[np.isfinite(ratio)] > 0).all() and positive.max() / positive.min() > 10:
         ax1.set_yscale("log")
-    _ticks(ax1, groups, layer_starts(stored["partition/layer"]))
+    group_ticks(ax1, groups, layer_starts(stored["partition/layer"]))
     ax1.set_ylabel(rf"{kbar_tex}$_{{ss}}$ / {bar}$_{{ss}}$")
     ax1.set_title("curvature along each group's gradient (1: exact)", fontsize=10)
     handles = [Line2D([], [], ls="", marker="o", color=c, label=rule) for rule, c in RULE_COLOURS.items()
@@ -87,7 +87,7 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     colours = [RULE_COLOURS.get(r.split("+")[0], "#7f7f7f") for r in layer_rules]
     x = np.arange(len(layers))
     ax2.bar(x, finite_bars(stored["interactions/kfac/layers/error"]), color=colours)
-    _ticks(ax2, layers)
+    group_ticks(ax2, layers)
     ax2.set_ylabel(rf"‖N({bar}$_{{ll}}$ − {kbar_tex}$_{{ll}}$)‖ / ‖N({bar}$_{{ll}}$)‖")
     ax2.set_title("Kronecker error of each layer block (0: exact)", fontsize=10)
 
@@ -96,7 +96,7 @@ def kfac_figure(stored: StoredCheckpoint) -> Figure:
     ax3.axhline(1, color="black", lw=0.8)
     ax3.axhline(1 - DEFAULT_TOLERANCE, color="#b2182b", ls="--", lw=1)
     _symlog_if_wide(ax3, eff)
-    _ticks(ax3, layers)
+    group_ticks(ax3, layers)
     ax3.set_ylabel(r"$q_l(\bar{K}_{ll}^{-1}\bar{g}_l)\,/\,q_l(\bar{C}_{ll}^{-1}\bar{g}_l)$"
                    .replace("C", names.symbol))
     ax3.set_title("each layer's step within its block (undefined: not drawn)", fontsize=10)

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from matplotlib.figure import Figure
 
 from curvscope.errors import CurvscopeError, summary
+from curvscope.figures.cubic import cubic_figure, has_order3
 from curvscope.figures.heatmaps import SCALES, heatmap_figure
 from curvscope.figures.interactions import distance_figure, has_interactions, outlined_heatmap_figure, steps_figure
 from curvscope.figures.kfac import has_kfac, kfac_figure
@@ -97,6 +98,10 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
             figures.append(("kfac", lambda: kfac_figure(ck),
                             f"K-FAC's blocks against the exact layer blocks of {names.bar} along the gradient, per "
                             f"layer and for the whole model"))
+        if has_order3(ck):
+            figures.append(("cubic", lambda: cubic_figure(ck),
+                            f"the cubic-regularised step's predicted and actual loss decrease against λ_int, and the "
+                            f"order-3 diagonal of {names.matrix} along the gradient"))
         if has_spectrum(ck):
             figures += [("spectrum-density", lambda: density_figure(ck, density_width),
                          f"SLQ density of the eigenvalues of {names.matrix}"),

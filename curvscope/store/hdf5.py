@@ -22,6 +22,7 @@ import numpy as np
 from curvscope import __version__
 from curvscope.curvature.kinds import stored_kind
 from curvscope.errors import CurvscopeError
+from curvscope.measures.cubic import SINGULAR_THRESHOLD
 from curvscope.measures.interactions import GROUPINGS, PARTS, SIGNIFICANCE
 from curvscope.measures.normalized import normalized
 from curvscope.store.atomic import replace_file
@@ -32,7 +33,7 @@ from curvscope.store.schema import FORMAT, NAME_PATTERN, SCHEMA_VERSION
 if TYPE_CHECKING:
     from curvscope.analysis import AnalysisRecord
     from curvscope.measures.interactions import Interactions
-    from curvscope.results import EigenResult, KFACResult, SpectrumResult, TraceResult
+    from curvscope.results import EigenResult, KFACResult, Order3Result, SpectrumResult, TraceResult
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "ResultsFile", "StoredCheckpoint", "check_label", "check_writable", "describe",
            "model_notes", "open_results", "read_results", "record_warnings", "stored_labels", "write_records"]
@@ -125,6 +126,23 @@ def _write_record(root: h5py.Group, rec: AnalysisRecord) -> None:
         _write_kfac(grp["interactions"].create_group("kfac"), rec.kfac)
     if rec.spectrum is not None:
         _write_spectrum(grp.create_group("spectrum"), rec.spectrum, p.pseudo_hessian)
+    if rec.order3 is not None:
+        _write_order3(grp.create_group("order3"), rec.order3)
+
+
+def _write_order3(grp: h5py.Group, o3: Order3Result) -> None:
+    grp.attrs.update({"singular_threshold": SINGULAR_THRESHOLD, "elapsed_s": o3.elapsed_s})
+    grp.create_dataset("diagonal", data=o3.diagonal.astype(np.float64))
+    grp.create_dataset("stderr", data=o3.stderr.astype(np.float64))
+    cubic = grp.create_group("cubic")
+    cubic.create_dataset("requested", data=o3.requested.astype(bool))
+    cubic.create_dataset("found", data=np.array([st.found for st in o3.steps], dtype=bool))
+    cubic.create_dataset("learning_rates", data=np.stack([st.learning_rates for st in o3.steps]).astype(np.float64))
+    for key in ("damping_int", "r", "r0", "residual", "predicted_decrease"):
+        cubic.create_dataset(key, data=np.array([getattr(st, key) for st in o3.steps], dtype=np.float64))
+    cubic.create_dataset("actual_decrease", data=o3.actual_decrease.astype(np.float64))
+    for key in ("start", "reason"):
+        cubic.create_dataset(key, data=np.array([getattr(st, key) for st in o3.steps], dtype=object), dtype=STR)
 
 
 def _write_interactions(grp: h5py.Group, inter: Interactions, actual: np.ndarray) -> None:
@@ -306,6 +324,7 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     if a.get("collinear"):
         lines.append(f"  {stored_kind(ck.attrs).bar} is singular; collinear groups: {a['collinear']}")
     lines += _kfac_lines(ck)
+    lines += _order3_lines(ck)
     if a.get("frozen"):
         lines.append(f"  frozen (requires_grad False), left out: {a['frozen']}")
     if a.get("batchnorm"):
@@ -369,6 +388,22 @@ def _kfac_lines(ck: StoredCheckpoint) -> list[str]:
             f"{ck['interactions/kfac/deviation_ratio'][0]:.3g}, predicted decrease "
             f"{ck['interactions/kfac/predicted_decrease']:.4g}, actual {ck['interactions/kfac/actual_decrease']:.4g}"
             f"{exact}"]
+
+
+def _order3_lines(ck: StoredCheckpoint) -> list[str]:
+    """The order-3 diagonal and the cubic-regularised steps asked for (order3/), when stored."""
+    if "order3/diagonal" not in ck.data:
+        return []
+    d = ck["order3/diagonal"]
+    lines = [f"  order-3 diagonal D: |D_s| from {np.abs(d).min():.3g} to {np.abs(d).max():.3g}"]
+    asked = ck["order3/cubic/requested"]
+    for i in np.flatnonzero(asked):
+        c = {key: ck[f"order3/cubic/{key}"][i] for key in ("damping_int", "found", "predicted_decrease",
+                                                              "actual_decrease", "r", "reason")}
+        head = f"  cubic step (λ_int={c['damping_int']:g}): "
+        lines.append(head + (f"predicted decrease {c['predicted_decrease']:.4g}, actual {c['actual_decrease']:.4g}, "
+                             f"r = ‖Dη‖ = {c['r']:.4g}" if c["found"] else f"none found: {c['reason']}"))
+    return lines
 
 
 def _spectrum_lines(ck: StoredCheckpoint) -> list[str]:

@@ -145,7 +145,7 @@ INTERACTIONS = Group(
         "inverse": MATRIX_INTERACTIONS,
         "steps": Group(members={
             "name": Data(STR, ("n",)),
-            "kind": Data(STR, ("n",), choices=("newton", "cauchy", "hessian", "inverse")),
+            "kind": Data(STR, ("n",), choices=("newton", "cauchy", "hessian", "inverse", "cubic")),
             "grouping": Data(STR, ("n",), choices=("", *GROUPINGS)),
             "learning_rates": Data(FLOAT, ("n", "S")),
             "predicted_decrease": Data(FLOAT, ("n",)),
@@ -158,6 +158,28 @@ INTERACTIONS = Group(
     },
     dims={"K": 0, "n": 1},
     rules=(_steps_complete,),
+)
+
+ORDER3 = Group(
+    optional=True,  # Hessian records analysed with --order3 (issue #18); absent from older files
+    attrs={"singular_threshold": Attr(FLOAT), "elapsed_s": Attr(FLOAT)},
+    members={
+        "diagonal": Data(FLOAT, ("S",)),
+        "stderr": Data(FLOAT, ("S",)),
+        "cubic": Group(members={
+            "damping_int": Data(FLOAT, ("m",)),
+            "requested": Data(BOOL, ("m",)),
+            "learning_rates": Data(FLOAT, ("m", "S")),
+            "r": Data(FLOAT, ("m",)),
+            "r0": Data(FLOAT, ("m",)),
+            "start": Data(STR, ("m",), choices=("positive definite", "analytical", "numerical")),
+            "found": Data(BOOL, ("m",)),
+            "reason": Data(STR, ("m",)),
+            "residual": Data(FLOAT, ("m",)),
+            "predicted_decrease": Data(FLOAT, ("m",)),
+            "actual_decrease": Data(FLOAT, ("m",)),
+        }, dims={"m": 1}),
+    },
 )
 
 BLOCK = Group(attrs={"kind": Attr(STR, choices=("tensor", "layer")), "dim": Attr(INT)},
@@ -213,6 +235,7 @@ CHECKPOINT = Group(
         "predicted_decrease": Data(FLOAT, ()),
         "interactions": INTERACTIONS,
         "spectrum": SPECTRUM,
+        "order3": ORDER3,
     },
     dims={"S": 1},
     rules=(_kfac_of_its_curvature,),
