@@ -1016,6 +1016,87 @@ def models_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- order-3 suite (issue #18)
+
+ORDER3_DAMPINGS = (0.1, 1.0, 10.0)
+
+
+def bench_order3(name: str) -> list[dict]:
+    """H̄, ḡ and the order-3 diagonal D on the pseudo-Hessian suite's model and data, by curvscope (gradient pass,
+    projection, order3) and by the author's GroupedNewton (fullbatch_gradient, then compute_Hg_fullbatch with
+    noregul=False; its modules from GRNEWT_SRC, the src/grnewt folder of a checkout), each timed; their agreement,
+    and that of the cubic-regularised learning rates (nesterov_lrs against cubic_learning_rates) per λ_int."""
+    from curvscope import curvature_operator
+    from curvscope.curvature.operator import full_gradient
+    from curvscope.curvature.partition import make_partition
+    from curvscope.measures.cubic import cubic_learning_rates
+
+    src = os.environ.get("GRNEWT_SRC")
+    if not src:
+        return [{"model": name, "error": "GRNEWT_SRC is not set (the src/grnewt folder of a GroupedNewton checkout)"}]
+    import peers
+
+    peers.load_grnewt(src)
+    from grnewt.hg import compute_Hg_fullbatch
+    from grnewt.nesterov import nesterov_lrs
+    from grnewt.util.param_struct import ParamStructure
+
+    model, batches = curvature_setup(name)
+    model = model.double()
+    batches = [(x.double(), y) for x, y in batches]
+    loss_fn = build_loss("nll")
+    n = sum(len(y) for _, y in batches)
+
+    def ours() -> tuple:
+        with curvature_operator(model, loss_fn, batches) as op:
+            part = make_partition(op.obj.model)
+            grad = full_gradient(op.obj, op.params)
+            res = op.projection(part, gradient=grad)
+            return res, op.order3(part, grad)[0]
+
+    def theirs() -> tuple:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad = gradient_pass(model, loss_fn, batches)
+        ps = ParamStructure([{"params": [p]} for p in params])
+        return compute_Hg_fullbatch(ps, lambda x, y: loss_fn(model(x), y), batches, n, tuple(grad),
+                                    loader_pre_hook=lambda x, y: (x, y), noregul=False)
+
+    t_ours, (res, d) = best_time(ours, 1)
+    t_theirs, (h, g, order3) = best_time(theirs, 1)
+    rows = {"model": name, "samples": n, "batch_size": batches[0][1].shape[0], "S": len(res.names),
+            "dtype": "float64", "curvscope_s": t_ours, "author_s": t_theirs, "ratio": t_ours / t_theirs,
+            "hbar_rel_diff": _max_rel_diff(res.pseudo_hessian, h.numpy()),
+            "order3_rel_diff": _max_rel_diff(d, -order3.numpy()), "error": None, "lrs": []}
+    for lam in ORDER3_DAMPINGS:
+        ref, logs = nesterov_lrs(h, g, order3, damping_int=lam)
+        mine = cubic_learning_rates(res.pseudo_hessian, res.pseudo_gradient, d, lam)
+        rows["lrs"].append({"damping_int": lam, "found": mine.found, "author_found": bool(logs["found"]),
+                            "rel_diff": _max_rel_diff(mine.learning_rates, ref.numpy()) if mine.found and
+                            ref is not None else None})
+    return [rows]
+
+
+def order3_markdown(rows: list[dict]) -> str:
+    lines = ["H̄, ḡ and D in float64 on the pseudo-Hessian suite's models (gradient pass included), curvscope against "
+             "the author's GroupedNewton (`compute_Hg_fullbatch(..., noregul=False)`); max relative differences of "
+             "H̄, of D (theirs is along +U: −D) and of the learning rates of `nesterov_lrs` against "
+             "`cubic_learning_rates`.", "",
+             "| model | N | B | S | curvscope | author | ratio | H̄ diff. | D diff. | learning rates diff. (λ_int) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | | | | | | | | | {r['error']} |")
+            continue
+        lrs = ", ".join(f"{x['rel_diff']:.1e} ({x['damping_int']:g})" if x["rel_diff"] is not None else
+                        f"found {x['found']}/{x['author_found']} ({x['damping_int']:g})" for x in r["lrs"])
+        lines.append(f"| {r['model']} | {r['samples']} | {r['batch_size']} | {r['S']} | {r['curvscope_s']:.2f} s | "
+                     f"{r['author_s']:.2f} s | **{r['ratio']:.2f}x** | {r['hbar_rel_diff']:.1e} | "
+                     f"{r['order3_rel_diff']:.1e} | {lrs} |")
+    lines.append("")
+    lines += run_footer(rows)
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- distributed suite (issue #17)
 
 #: Strong scaling on CPU: the same VGG-11' and N = 512 CIFAR-shaped samples (batches of 64) in 1 and 2 torchrun
@@ -1119,7 +1200,8 @@ def _cpu_model() -> str:
 
 
 SUITE_MODELS = {"pseudo-hessian": list(SETTINGS), "spectrum": list(SETTINGS), "curvatures": list(SETTINGS),
-                "kfac": list(SETTINGS), "models": list(MODELS_SUITE), "distributed": list(DISTRIBUTED)}
+                "kfac": list(SETTINGS), "models": list(MODELS_SUITE), "distributed": list(DISTRIBUTED),
+                "order3": list(SETTINGS)}
 
 
 def suite_models(suite: str, requested: list[str] | None) -> list[str]:
@@ -1201,7 +1283,8 @@ def main() -> None:
                                                     args.check_float64), kfac_markdown),
               "models": ("models", lambda m: [bench_models(m, args.smoke, args.models_config.get(m))],
                          models_markdown),
-              "distributed": ("distributed", bench_distributed, distributed_markdown)}
+              "distributed": ("distributed", bench_distributed, distributed_markdown),
+              "order3": ("order3", bench_order3, order3_markdown)}
     for suite in args.suites:
         stem, run, table_of = suites[suite]
         names = suite_models(suite, args.models)

@@ -283,3 +283,30 @@ def exact_bottom_k(model: torch.nn.Module, loss_fn: Criterion, inputs: torch.Ten
                    targets: torch.Tensor, k: int = 5, tol: float = 1e-8) -> np.ndarray:
     """Reference k smallest Hessian eigenvalues (float64, ARPACK which="SA"), ascending."""
     return _exact_extreme(model, loss_fn, inputs, targets, k, tol, "SA")
+
+
+def load_grnewt(src: str) -> None:
+    """The author's grnewt (GroupedNewton's src/grnewt folder at `src`) importable as ``grnewt``: its modules
+    util.param_struct, hg and nesterov loaded by path, without its __init__, which imports torchvision for data
+    loading (torchvision does not import beside torch 2.13.0+cpu)."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    for name, path in (("grnewt", src), ("grnewt.util", str(Path(src) / "util"))):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+    for name in ("util.param_struct", "nesterov", "hg"):
+        full = f"grnewt.{name}"
+        if full in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(full, Path(src, *name.split(".")).with_suffix(".py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+        if name == "util.param_struct":
+            sys.modules["grnewt.util"].ParamStructure = module.ParamStructure  # type: ignore[attr-defined]

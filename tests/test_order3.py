@@ -3,10 +3,8 @@
 hand (GRNEWT_SRC: the src/grnewt folder of a GroupedNewton checkout)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,9 @@ from curvscope import curvature_operator
 from curvscope.curvature.operator import full_gradient
 from curvscope.curvature.partition import make_partition
 from curvscope.measures.cubic import DAMPING_GRID, cubic_learning_rates, cubic_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import peers  # noqa: E402 - the peer libraries of the benchmark
 
 
 def dense_order3(model: nn.Module, loss_fn, batches, part_kind: str = "canonical") -> np.ndarray:
@@ -180,31 +181,11 @@ def test_more_damping_shortens_the_step() -> None:
 
 # --------------------------------------------------------------------------- the author's code
 
-def _grnewt() -> types.ModuleType:
-    """The author's grnewt package from GRNEWT_SRC, its modules loaded without its __init__ (which imports
-    torchvision for data loading)."""
+def _grnewt() -> None:
     src = os.environ.get("GRNEWT_SRC")
     if not src or not (Path(src) / "nesterov.py").is_file():
         pytest.skip("GRNEWT_SRC does not name the src/grnewt folder of a GroupedNewton checkout")
-    pkg = types.ModuleType("grnewt")
-    pkg.__path__ = [src]
-    sys.modules.setdefault("grnewt", pkg)
-    for name in ("util.param_struct", "nesterov", "hg"):
-        full = f"grnewt.{name}"
-        if full in sys.modules:
-            continue
-        path = Path(src, *name.split(".")).with_suffix(".py")
-        if name.startswith("util."):
-            util = types.ModuleType("grnewt.util")
-            util.__path__ = [str(Path(src) / "util")]
-            sys.modules.setdefault("grnewt.util", util)
-        spec = importlib.util.spec_from_file_location(full, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-        if name == "util.param_struct":
-            sys.modules["grnewt.util"].ParamStructure = module.ParamStructure
-    return pkg
+    peers.load_grnewt(src)
 
 
 def test_order3_and_learning_rates_match_the_authors_code() -> None:
