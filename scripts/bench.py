@@ -1019,6 +1019,22 @@ def models_markdown(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- order-3 suite (issue #18)
 
 ORDER3_DAMPINGS = (0.1, 1.0, 10.0)
+#: The order-3 suite's models: the pseudo-Hessian suite's (at initialisation, CIFAR-shaped data) and the shipped
+#: trained LeNet-5 on its digits (where the cubic steps exist).
+ORDER3_MODELS = (*SETTINGS, "lenet5_digits_ep21")
+
+
+def order3_setup(name: str) -> tuple[torch.nn.Module, list, Callable]:
+    """The model, batches and loss of an order-3 row: the shipped checkpoint on 1024 digits in batches of 256
+    with its loss, or :func:`curvature_setup`'s with nll (the pseudo-Hessian suite's)."""
+    if name in SETTINGS:
+        return (*curvature_setup(name), build_loss("nll"))
+    from curvscope import load_checkpoint
+    from curvscope.sources.datasets import analysis_batches, build_dataset
+
+    ck = load_checkpoint(Path(__file__).resolve().parents[1] / "checkpoints" / f"{name}.pt")
+    data = build_dataset(ck.data["name"], "train", ck.data.get("kwargs") or {})
+    return ck.model.eval(), analysis_batches(data, 1024, 256), ck.loss_fn
 
 
 def bench_order3(name: str) -> list[dict]:
@@ -1041,10 +1057,9 @@ def bench_order3(name: str) -> list[dict]:
     from grnewt.nesterov import nesterov_lrs
     from grnewt.util.param_struct import ParamStructure
 
-    model, batches = curvature_setup(name)
+    model, batches, loss_fn = order3_setup(name)
     model = model.double()
     batches = [(x.double(), y) for x, y in batches]
-    loss_fn = build_loss("nll")
     n = sum(len(y) for _, y in batches)
 
     def ours() -> tuple:
@@ -1201,7 +1216,7 @@ def _cpu_model() -> str:
 
 SUITE_MODELS = {"pseudo-hessian": list(SETTINGS), "spectrum": list(SETTINGS), "curvatures": list(SETTINGS),
                 "kfac": list(SETTINGS), "models": list(MODELS_SUITE), "distributed": list(DISTRIBUTED),
-                "order3": list(SETTINGS)}
+                "order3": list(ORDER3_MODELS)}
 
 
 def suite_models(suite: str, requested: list[str] | None) -> list[str]:

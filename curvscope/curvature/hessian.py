@@ -134,12 +134,18 @@ class HessianOperator(CurvatureOperator):
         for s, zs in enumerate(z):
             if zs is None or not zs.requires_grad:
                 continue
-            hu = differentiate(zs, self.params, create_graph=True, allow_unused=True)  # H_b U_s, with its graph
-            diag = part.group_scalars([None if h is None else h * ui for h, ui in zip(hu, u)])[s]  # U_sᵀH_bU_s
+            own = part.tensors_of(s)  # only group s's tensors: its entry of H_b U_s, then of ∇(U_sᵀH_bU_s)
+            values: list[torch.Tensor | None] = [None] * len(self.params)
+            hu = differentiate(zs, [self.params[i] for i in own], create_graph=True, allow_unused=True)
+            for i, h in zip(own, hu):
+                values[i] = None if h is None else h * u[i]
+            diag = part.group_scalars(values)[s]  # U_sᵀH_bU_s, with its graph
             if diag is None or not diag.requires_grad:
                 continue  # H_b is constant along U_s
-            third = differentiate(diag, self.params, retain_graph=True, allow_unused=True)
-            prods = [None if t is None else t.to(torch.float64) * ui for t, ui in zip(third, u64)]
+            third = differentiate(diag, [self.params[i] for i in own], retain_graph=True, allow_unused=True)
+            prods: list[torch.Tensor | None] = [None] * len(self.params)
+            for i, t in zip(own, third):
+                prods[i] = None if t is None else t.to(torch.float64) * u64[i]
             out[s] = -float(part.group_sums(prods, torch.zeros(part.size, dtype=torch.float64,
                                                                device=u64[0].device))[s])
         return out

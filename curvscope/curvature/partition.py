@@ -56,6 +56,11 @@ class Partition:
         return [i for i, a in enumerate(self.assignment)
                 if (a if isinstance(a, int) else int(a.max())) >= group]
 
+    def tensors_of(self, group: int) -> list[int]:
+        """Indices of the tensors holding scalars of `group`."""
+        return [i for i, a in enumerate(self.assignment)
+                if (a == group if isinstance(a, int) else bool((a == group).any()))]
+
     def group_sums(self, values: list[torch.Tensor | None], out: torch.Tensor) -> torch.Tensor:
         """out[s] + the sum of the scalars of group s in `values` (one tensor or None per parameter).
 
