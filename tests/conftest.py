@@ -1,6 +1,7 @@
 """Shared fixtures: small float64 models and the dense reverse-over-reverse Hessian they are checked against."""
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def interruptible() -> None:
+    """A child process's SIGINT back to the default, so that Python raises KeyboardInterrupt on it even when
+    this test run was started with SIGINT ignored (as a shell's background job is): for subprocess's
+    preexec_fn in the tests that interrupt a run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 SHIPPED = ROOT / "checkpoints" / "lenet5_digits_ep21.pt"
 
 

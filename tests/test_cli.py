@@ -17,7 +17,7 @@ import h5py
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, SHIPPED, write_tiny_bundle
+from conftest import ROOT, SHIPPED, interruptible, write_tiny_bundle
 
 from curvscope.cli.main import main
 
@@ -223,7 +223,7 @@ def test_interrupt_mid_run_exits_130_and_keeps_results(tmp_path: Path, sig: sign
     before = digest(out)
     proc = subprocess.Popen([sys.executable, "-m", "curvscope", "analyse", str(SHIPPED), "-o", str(out),
                              "--no-render", "--lanczos-steps", "400"], cwd=tmp_path, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=interruptible)
     time.sleep(8)  # imports done, computing
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

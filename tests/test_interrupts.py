@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import ROOT, SHIPPED, write_tiny_bundle
+from conftest import ROOT, SHIPPED, interruptible, write_tiny_bundle
 
 from curvscope.cli.main import main
 
@@ -29,7 +29,7 @@ def _interrupt(args: list[str], delay: float, cwd: Path, wait_for: str | None = 
                stream: str = "stdout") -> tuple[int, str]:
     """Start `python args`, send SIGINT after `delay` s (counted from `wait_for` on `stream` when given)."""
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     if wait_for is not None:
         lines = getattr(proc, stream)
         while wait_for not in lines.readline():
