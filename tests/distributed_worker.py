@@ -36,6 +36,7 @@ def main(out: Path) -> None:
     with curvature_operator(case.model, case.loss_fn, mine, "hessian") as op:
         g, loss = full_gradient(op.obj, op.params)
         res = op.projection(part, gradient=(g, loss))
+        found["order3"], found["order3_stderr"] = op.order3(part, (g, loss))
         spec = spectrum(op, k=3, blocks="layer", slq_steps=20, trace_matvecs=9)
     found.update(gradient=torch.cat([t.reshape(-1) for t in g]).numpy(), loss=np.asarray([loss]),
                  hbar=res.pseudo_hessian, stderr=res.pseudo_hessian_stderr, n=np.asarray([res.n_samples,

@@ -60,7 +60,7 @@ def test_shards_are_uneven_and_cover_the_set(api_results: tuple[dict, list[dict]
 
 
 @pytest.mark.parametrize("key", ["gradient", "loss", "hbar", "stderr", "gbar", "kbar_type-2", "kbar_mc", "after",
-                                 "block_traces"])
+                                 "block_traces", "order3", "order3_stderr"])
 def test_sums_over_batches_do_not_depend_on_the_ranks(api_results: tuple[dict, list[dict]], key: str) -> None:
     single, ranks = api_results
     for r in ranks:
