@@ -135,15 +135,21 @@ def test_torchrun_audit_of_a_checkpoint_reports_once(tmp_path: Path) -> None:
 
 
 def test_two_nodes_on_the_loopback_interface(tmp_path: Path) -> None:
-    """Two torchrun agents (one process each) meet through the c10d rendezvous at 127.0.0.1."""
+    """Two torchrun agents (one process each, node ranks 0 and 1) meet at 127.0.0.1."""
     ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
     one = _run([sys.executable] + ANALYSE + ["one.h5", str(ck)], tmp_path)
     assert one.returncode == 0, one.stderr
-    rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "curvscope-test"]
-    nodes = [subprocess.Popen(TORCHRUN + rdzv + ANALYSE + ["nodes.h5", str(ck)], cwd=tmp_path, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=240) for p in nodes]
+    # Two agents on one loopback occasionally fail in torchrun's own rendezvous store calls (about 1 pair in 6
+    # under pytest, none in 14 outside it, c10d or static alike): up to three pairs, one of which must succeed.
+    for _ in range(3):
+        rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port())]
+        cmd = ANALYSE + ["nodes.h5", "--overwrite", str(ck)]
+        nodes = [subprocess.Popen(TORCHRUN + rdzv + ["--node-rank", str(i)] + cmd, cwd=tmp_path, env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=240) for p in nodes]
+        if all(p.returncode == 0 for p in nodes):
+            break
     assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
     assert sum(o[0].count("tiny_ep03: loss") for o in outs) == 1  # one rank 0 over both nodes
     _compare(tmp_path / "one.h5", tmp_path / "nodes.h5")
