@@ -116,11 +116,15 @@ class HessianOperator(CurvatureOperator):
         return list(differentiate(outs, [self.params[i] for i in indices], grad_outputs=chunks,
                                   retain_graph=self.mode == "cached", allow_unused=True))
 
+    def _directional(self, b: int, u: list[torch.Tensor], part: Partition) -> list[torch.Tensor | None]:
+        """z_s = U_sᵀ∇L_b for every group s, each with the graph of ∇L_b kept (None: L_b is linear there)."""
+        grads = self.obj.gradient_with_graph(b, self.params)
+        return part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
+
     def batch_projection(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition,
                          method: str | None = None) -> torch.Tensor:
         """H̄_b = Uᵀ H_b U (float64, S × S), u held fixed, by the strategy `method` (triangular when None)."""
-        grads = self.obj.gradient_with_graph(b, self.params)
-        z = part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
+        z = self._directional(b, u, part)
         if all(t is None for t in z):  # the loss is linear in every parameter
             return torch.zeros(part.size, part.size, dtype=torch.float64, device=u64[0].device)
         return ROWS[method or self.method](z, self.params, u64, part)
@@ -128,8 +132,7 @@ class HessianOperator(CurvatureOperator):
     def batch_order3(self, b: int, u: list[torch.Tensor], u64: list[torch.Tensor], part: Partition) -> np.ndarray:
         """D_b (S,): for each group s, D_s = −U_sᵀ ∇(U_sᵀ H_b U_s), H̄_b's diagonal entry differentiated once more
         along U_s (float64)."""
-        grads = self.obj.gradient_with_graph(b, self.params)
-        z = part.group_scalars([g * ui if g.requires_grad else None for g, ui in zip(grads, u)])
+        z = self._directional(b, u, part)
         out = np.zeros(part.size)
         for s, zs in enumerate(z):
             if zs is None or not zs.requires_grad:
