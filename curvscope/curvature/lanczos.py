@@ -40,6 +40,7 @@ class MatVec(Protocol):
 
 
 MIN_CHECK_STEPS = 8  # the check run's Krylov space must be at least this large before it can clear
+CHECK_BASIS = 3  # the least basis of the check run (one wanted eigenpair, and room to restart)
 BREAKDOWN = 1e-12  # β_j <= BREAKDOWN·max|α|: the Krylov space is invariant, the Ritz values are exact
 DGKS = 2 ** -0.5  # reorthogonalise again when a pass leaves less than this fraction of the vector's norm
 CHUNK = 1 << 15  # columns per block when a basis is rotated in place (scratch: basis x CHUNK numbers)
@@ -65,13 +66,22 @@ def default_products(max_steps: int, basis: int) -> int:
     return max(max_steps, RESTART_CYCLES * basis)
 
 
+def _check_basis(n: int, k: int, basis: int) -> int:
+    """The basis of :func:`extreme_eigenpairs`' check run: what the k Ritz vectors leave of the first run's
+    `basis` rows, but at least the 3 a restarted run for one eigenpair needs (and at most the n − k directions
+    left)."""
+    return min(max(basis - k, CHECK_BASIS), n - k)
+
+
 def lanczos_memory(n: int, k: int, basis: int | None = None) -> int:
     """Bytes of float64 storage :func:`extreme_eigenpairs` holds at once for an operator of size n, whatever its
-    number of products: at most `basis` Lanczos vectors, the k Ritz vectors a check run stays orthogonal to, one
-    product vector, and the scratch of an in-place rotation. The operator's own memory (graphs, model) is extra."""
+    number of products: one buffer of `basis` Lanczos vectors (at least k + 3: the check run's basis lives
+    beside the k Ritz vectors it stays orthogonal to, in the same rows), one product vector, and the scratch of
+    an in-place rotation. The operator's own memory (graphs, model) is extra."""
     k = max(1, min(k, n))
     b = _basis_size(n, k, basis)
-    return 8 * (n * (b + k + 1) + 2 * b * min(n, CHUNK))
+    rows = max(b, k + _check_basis(n, k, b)) if k < n else b
+    return 8 * (n * (rows + 1) + 2 * b * min(n, CHUNK))
 
 
 def slq_memory(n: int, steps: int, reorthogonalise: str = "full") -> int:
@@ -218,7 +228,7 @@ def _orthonormalise(w: torch.Tensor, bases: list[torch.Tensor]) -> None:
 
 def thick_restart(matvec: MatVec, n: int, *, want: int, basis: int, products: int, generator: torch.Generator,
                   device: torch.device, locked: torch.Tensor | None = None,
-                  stop: Callable[[Subspace], bool] | None = None) -> Subspace:
+                  stop: Callable[[Subspace], bool] | None = None, rows: torch.Tensor | None = None) -> Subspace:
     """Thick-restart Lanczos toward the largest eigenvalues from a random start, kept orthogonal to `locked`.
 
     Holds at most `basis` vectors; when they are all used, the `keep` =
@@ -240,7 +250,8 @@ def thick_restart(matvec: MatVec, n: int, *, want: int, basis: int, products: in
     if b < room and b < want + 2:
         raise ValueError(f"a restarted Lanczos basis for {want} eigenpairs needs at least {want + 2} vectors, not {b}")
     keep = min(b - 2, want + int(KEEP * (b - want)))
-    v, w = _vectors(b, n, device), _vectors(1, n, device)[0]
+    v = _vectors(b, n, device) if rows is None else rows[:b]
+    w = _vectors(1, n, device)[0]
     t, e, d = np.zeros((b, b)), np.zeros((b, b)), np.zeros((n_locked, b))
     _fill_random(v[0], generator)
     _orthonormalise(v[0], [locked])
@@ -313,7 +324,7 @@ class Eigenpairs:
     """The k most extreme eigenvalues of one end, most extreme first, with true residuals."""
 
     values: np.ndarray
-    vectors: torch.Tensor  # (k, n), unit rows
+    vectors: torch.Tensor  # (k, n), unit rows: a view of the run's buffer (lanczos_memory), which it keeps
     residuals: np.ndarray  # ‖H x − θ x‖, from the run's recorded Lanczos relation (no extra products)
     converged: np.ndarray  # residual <= tol·‖H‖ (‖H‖: largest |Ritz value| seen), and the check run cleared it
     steps: int  # Lanczos steps, verification runs included
@@ -332,7 +343,8 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     `max_products` products (default :func:`default_products`:
     max(max_steps, 20 x basis); `max_steps` is thus the least budget a run
     gets, and `max_products` sets it exactly). A second, deflated run from a
-    fresh start vector (kept orthogonal to the k Ritz vectors) checks that no
+    fresh start vector (kept orthogonal to the k Ritz vectors, in the basis rows
+    they leave free: basis − k, at least 3) checks that no
     eigenvalue beyond the k-th θ_k was missed — a single Krylov space sees only
     one copy of a repeated eigenvalue. It clears the values once its top Ritz
     value θ' satisfies θ' + r' < θ_k (r' its residual estimate; after at least
@@ -359,19 +371,19 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
             return len(theta) >= want and bool(np.all(est[-want:] <= tol * scale[0]))
         return check
 
+    check_basis = _check_basis(n, k, b) if verify and k < n else 0
+    buffer = _vectors(max(b, k + check_basis), n, device)  # the first run's basis, then the Ritz vectors + the check's
     first = thick_restart(op, n, want=k, basis=b, products=budget, generator=generator, device=device,
-                          stop=settled(k))
+                          stop=settled(k), rows=buffer)
     theta, s, est = first.ritz()
     scale[0] = max(scale[0], float(np.abs(theta).max()))
     order = np.argsort(-theta)[:k]
     settled_first = bool(np.all(est[order] <= tol * scale[0]))
     values, residuals = list(theta[order]), list(est[order])
     _rotate(first.basis, s[:, order])  # the Ritz vectors, in the basis's own rows
-    vectors = _vectors(len(order), n, device)
-    vectors.copy_(first.basis[:len(order)])
+    vectors = buffer[:len(order)]
     steps, verified = first.steps, False
-    del first  # the basis goes before the check run allocates its own
-    while verify and settled_first and len(values) == k and k < n:
+    while check_basis and settled_first and len(values) == k:
         kth = values[-1]
 
         def decided(sub: Subspace) -> bool:
@@ -380,8 +392,8 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
             below = sub.steps >= MIN_CHECK_STEPS and th[i] + est_[i] < kth
             return below or (th[i] > kth + tol * scale[0] and est_[i] <= tol * scale[0])
 
-        check = thick_restart(op, n, want=1, basis=b, products=budget, generator=generator, device=device,
-                              locked=vectors, stop=decided)
+        check = thick_restart(op, n, want=1, basis=check_basis, products=budget, generator=generator,
+                              device=device, locked=vectors, stop=decided, rows=buffer[k:])
         steps += check.steps
         th2, s2, est2 = check.ritz()
         top = int(np.argmax(th2))
@@ -396,7 +408,6 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
             vectors[i] = vectors[i - 1]
         vectors[pos] = check.basis[0]
         values, residuals = values[:k], residuals[:k]
-        del check
     vals, res = np.asarray(values), np.asarray(residuals)
     converged = res <= tol * scale[0]
     if verify and k < n:
