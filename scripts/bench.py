@@ -53,11 +53,11 @@ Models suite (issue #16), each model in a fresh process (so that the peak reside
     `curvscope analyse` (analyse_checkpoint on a bundle, the data named as with --data), timed in total and split
     into the gradient pass, H̄, the spectra and the rest, with the spectra's Hessian-vector products and the peak
     resident set;
-  - gpt2-1e8 (GPT-2 small's widths and vocabulary, 9 layers: P = 103.2 M; N = 8 sequences of T = 64 tokens): one
+  - gpt2-1e8 (GPT-2 small's widths and vocabulary, 9 layers: P = 103.2 M; N = 4 sequences of T = 64 tokens): one
     Hessian operator, then top-5 at both ends, a Hutch++ trace and an SLQ density (1 run), each timed with its
-    products, and the process's peak resident set against 20 GiB. Lanczos vectors are float64, 0.83 GB each at
-    this size: the configuration asks for a restarted basis of 10 vectors and SLQ without reorthogonalisation
-    (keywords the API does not take are reported in the row's note, not passed).
+    products, and the process's peak resident set against 20 GiB. Lanczos vectors are float64, 0.77 GiB each at
+    this size: the operator's max_memory of 12 GiB sets the restarted basis (14), and SLQ keeps no basis
+    (keywords the API does not take, in eigen_kwargs or density_kwargs, are reported in the row's note).
 --smoke runs tiny configurations instead (rows marked as smoke runs: they check that the suite runs, they are not
 results); --models-config '{"gpt2-1e8": {"samples": 4}}' replaces entries of a configuration (see MODELS_SUITE);
 --device cuda runs the models suite on a GPU (its peak memory there is reported too).
@@ -89,6 +89,7 @@ import numpy as np
 import torch
 
 from curvscope import __version__, eigenvalues, pseudo_hessian, spectral_density
+from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY
 from curvscope.curvature.partition import trainable
 from curvscope.sources.losses import build_loss
 from curvscope.sources.zoo import build_model
@@ -719,15 +720,14 @@ MODELS_SUITE: dict[str, dict] = {
              "data": "bench:token_data", "data_kwargs": {"vocab_size": 512, "seq_len": 64, "n": 64},
              "samples": 64, "batch_size": 32},
     # Is the spectrum of a 1e8-parameter model possible in at most 20 GiB? GPT-2 small's widths and vocabulary with
-    # 9 of its 12 layers: P = 103.2 M. Lanczos vectors are float64, 0.83 GB each at this P, and the model, its
-    # kept graphs (1.2 GB) and a product's buffers take about 5.5 GB (6.5 GB at GPT-2 small's 124.4 M): the
-    # restarted basis of 10 vectors (memory (basis + k + 1) vectors) and SLQ without reorthogonalisation (4 vectors)
-    # are asked for; keyword arguments the API does not take are reported in the row's note, not passed.
+    # 9 of its 12 layers: P = 103.2 M. Lanczos vectors are float64, 0.77 GiB each at this P; the model, its kept
+    # graphs and a product's buffers take a few GiB more. The operator's budget (max_memory, as --max-memory) of
+    # 12 GiB fits a restarted basis of 14 (15 vectors); Hutch++ holds 14 and SLQ (no reorthogonalisation) 4.
     "gpt2-1e8": {"task": "spectra", "model": "gpt2",
                  "model_kwargs": {"vocab_size": 50257, "context": 1024, "width": 768, "depth": 9, "heads": 12},
-                 "data": "bench:token_data", "data_kwargs": {"vocab_size": 50257, "seq_len": 64, "n": 8},
-                 "samples": 8, "batch_size": 8, "top_k": 5, "lanczos_steps": 80, "slq_steps": 80,
-                 "trace_matvecs": 30, "eigen_kwargs": {"basis": 10}, "density_kwargs": {"reorthogonalise": "none"},
+                 "data": "bench:token_data", "data_kwargs": {"vocab_size": 50257, "seq_len": 64, "n": 4},
+                 "samples": 4, "batch_size": 4, "top_k": 5, "lanczos_steps": 80, "slq_steps": 80,
+                 "trace_matvecs": 30, "max_memory": 12 * 2 ** 30,
                  "rss_limit_gib": 20},
 }
 #: --smoke: tiny configurations that check the suite runs end to end in a minute; their rows are marked as such
@@ -739,7 +739,7 @@ SMOKE: dict[str, dict] = {
              "data_kwargs": {"vocab_size": 32, "seq_len": 8, "n": 8}, "samples": 8, "batch_size": 4},
     "gpt2-1e8": {"model_kwargs": {"vocab_size": 1000, "context": 16, "width": 32, "depth": 2, "heads": 2},
                  "data_kwargs": {"vocab_size": 1000, "seq_len": 16, "n": 4}, "samples": 4, "batch_size": 4,
-                 "lanczos_steps": 30, "slq_steps": 30, "eigen_kwargs": {"basis": 12}},
+                 "lanczos_steps": 30, "slq_steps": 30, "max_memory": 2 ** 30},
 }
 
 
@@ -888,7 +888,8 @@ def spectra_row(name: str, cfg: dict) -> dict:
     out: dict[str, Any] = {}
 
     def work() -> None:
-        with curvature_operator(model, build_loss("cross_entropy"), batches, "hessian") as op:
+        with curvature_operator(model, build_loss("cross_entropy"), batches, "hessian",
+                                max_memory=cfg.get("max_memory", DEFAULT_MAX_MEMORY)) as op:
             tasks = {"largest": lambda: eigenvalues(op, k=k, which="largest", max_steps=steps, **eigen_kw),
                      "smallest": lambda: eigenvalues(op, k=k, which="smallest", max_steps=steps, **eigen_kw),
                      "trace": lambda: trace(op, matvecs=cfg["trace_matvecs"]),

@@ -160,3 +160,27 @@ def test_spectral_functions_share_one_operator() -> None:
                                                                                         rel=1e-6)
     with pytest.raises(CurvscopeError, match="operator, or a model"):
         trace(case.model)
+
+
+def test_eigenvalues_fit_their_basis_to_the_memory_budget() -> None:
+    """Without `basis`, eigenvalues() takes the largest basis whose vectors fit the operator's max_memory (the run
+    is then the one an explicit basis gives), and refuses when even k + 2 vectors do not fit."""
+    from curvscope import curvature_operator
+    from curvscope.curvature.lanczos import lanczos_memory
+
+    case = make_case("mlp")
+    batches = case.batches([5, 7])
+    lam = exact_spectrum(case)
+    n, k = len(lam), 4
+    runs = {}
+    for basis in (7, 30):
+        with curvature_operator(case.model, case.loss_fn, batches, max_memory=lanczos_memory(n, k, basis)) as op:
+            fitted = eigenvalues(op, k=k, tol=1e-10, max_steps=300)
+            runs[basis] = eigenvalues(op, k=k, tol=1e-10, max_steps=300, basis=basis)
+        assert fitted.steps == runs[basis].steps
+        np.testing.assert_array_equal(fitted.values, runs[basis].values)
+        np.testing.assert_allclose(fitted.values, lam[::-1][:k], rtol=1e-8)
+    assert runs[7].steps != runs[30].steps  # the budget chose the basis
+    with curvature_operator(case.model, case.loss_fn, batches, max_memory=lanczos_memory(n, k, k + 2) - 1) as op:
+        with pytest.raises(CurvscopeError, match="Lanczos basis of 6.*raise it"):
+            eigenvalues(op, k=k)

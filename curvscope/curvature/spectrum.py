@@ -56,6 +56,18 @@ def fitted_basis(n: int, k: int, budget: int) -> int:
     return basis
 
 
+def _basis_within(n: int, k: int, budget: int) -> int:
+    """:func:`fitted_basis`, refused when even the smallest basis does not fit `budget` bytes."""
+    basis = fitted_basis(n, k, budget)
+    held = lanczos_memory(n, k, basis)
+    if held > budget:
+        raise CurvscopeError(f"{k} eigenvalues of an operator of {n} entries need {held / 2**20:.0f} MiB of float64 "
+                             f"vectors (a Lanczos basis of {basis}) and the memory budget (--max-memory, or the "
+                             f"operator's max_memory) allows {budget / 2**20:.0f} MiB: raise it, or ask for fewer "
+                             f"eigenvalues.")
+    return basis
+
+
 def _generator(seed: int, tag: str) -> torch.Generator:
     """A generator for one computation, independent of the order computations run in."""
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(tag.encode())) % 2 ** 63)
@@ -150,7 +162,7 @@ def eigenvalues(source: Source, loss_fn: LossFn | None = None, batches: Iterable
                 which: str = "largest", group: str | None = None, *, curvature: str = DEFAULT_CURVATURE,
                 tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS, seed: int = 0, verify: bool = True,
                 max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None) -> EigenResult:
+                dtype: torch.dtype | None = None, basis: int | None = None) -> EigenResult:
     """The k largest (or smallest, algebraic) eigenvalues of C (H = ∇²L by default) or of its diagonal block `group`.
 
     `source` is a model (with `loss_fn` and `batches`, and `curvature` naming C)
@@ -158,11 +170,16 @@ def eigenvalues(source: Source, loss_fn: LossFn | None = None, batches: Iterable
     keyword). Lanczos with full reorthogonalisation in float64; stops when every
     wanted Ritz value's residual is below tol·‖C‖ (or after `max_steps`), then
     checks for missed (repeated) eigenvalues with a deflated run. `.values` are
-    most extreme first; `.converged` flags each one.
+    most extreme first; `.converged` flags each one. The run holds at most
+    `basis` float64 vectors of the block's size (a few more, see
+    :func:`~curvscope.curvature.lanczos.lanczos_memory`); by default the largest
+    basis, up to max(2k + 10, 30), whose vectors fit the operator's max_memory.
     """
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
-        return _led(op, lambda: block_eigenvalues(op.operator(group), k, which, tol=tol, max_steps=max_steps,
-                                                  seed=seed, verify=verify, group=group or ""))
+        block = op.operator(group)
+        size = _basis_within(block.dim, k, op.max_memory) if basis is None else basis
+        return _led(op, lambda: block_eigenvalues(block, k, which, tol=tol, max_steps=max_steps, seed=seed,
+                                                  verify=verify, group=group or "", basis=size))
 
 
 def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
