@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from curvscope.curvature.spectrum import fitted_basis
 from curvscope.sources.zoo import MLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -251,8 +252,6 @@ def test_models_suite_configurations() -> None:
     assert suite_models("models", ["lenet5", "gpt2"]) == ["gpt2"] and suite_models("kfac", ["gpt2"]) == []
     cfg = models_config("gpt2-1e8")
     assert cfg["model_kwargs"]["width"] == 768 and cfg["samples"] == 4 and cfg["rss_limit_gib"] == 20
-    from curvscope.curvature.spectrum import fitted_basis
-
     assert fitted_basis(103_200_000, cfg["top_k"], cfg["max_memory"]) == 14  # the basis the budget gives at P
     smoke = models_config("gpt2-1e8", smoke=True, overrides={"samples": 2})
     assert smoke["model_kwargs"]["width"] < 768 and smoke["samples"] == 2 and smoke["task"] == "spectra"
