@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 EXIT_INTERRUPTED = 130
@@ -26,11 +28,30 @@ def _exit_now(signum: int, frame: Any) -> NoReturn:
     os._exit(EXIT_INTERRUPTED)
 
 
+@contextmanager
+def exits_at_once() -> Iterator[None]:
+    """Ctrl-C inside this block exits at once (130, one line) instead of raising KeyboardInterrupt.
+
+    For loading libraries (torch, h5py, matplotlib), where nothing is written yet:
+    a KeyboardInterrupt raised in their import code may be swallowed by a bare
+    except, turned into another error (inside ``__set_name__``), abort the
+    process (raised in Python code that C++ called), or, raised in exec'd code
+    (dataclasses), make the interpreter kill itself with SIGINT after a clean
+    exit. Measured before this block: 8 of 90 interrupted imports of torch.
+    """
+    previous = signal.signal(signal.SIGINT, _exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run() -> None:
     """Run the command line; an interrupt before or after the command's own handling exits 130."""
     signal.signal(signal.SIGTERM, _exit_now)  # the command installs its own handler for the work itself
     try:
-        from curvscope.cli.main import main
+        with exits_at_once():
+            from curvscope.cli.main import main
 
         main(prog_name="curvscope")
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 import click
 
 from curvscope import __version__
+from curvscope.cli.entry import exits_at_once
 from curvscope.cli.options import analysis_options, options_from
 from curvscope.cli.types import FiniteFloat
 from curvscope.curvature.kinds import curvature_kind
@@ -149,12 +150,13 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
             figure_dir: Path | None, no_render: bool, shared_scale: bool, overwrite: bool, quiet: bool,
             **settings: Any) -> None:
     """Compute C̄ (H̄ by default), C̄⁻¹ and the Newton step of each CHECKPOINT; store them and draw the figures."""
-    from curvscope.analysis import analyse_checkpoint, default_label
-    from curvscope.cli.progress import ProgressLine
-    from curvscope.curvature.kinds import record_label
-    from curvscope.curvature.ranks import leave
-    from curvscope.figures.render import render
-    from curvscope.store.hdf5 import check_label, check_writable, stored_labels, write_records
+    with exits_at_once():  # torch, h5py and matplotlib load here
+        from curvscope.analysis import analyse_checkpoint, default_label
+        from curvscope.cli.progress import ProgressLine
+        from curvscope.curvature.kinds import record_label
+        from curvscope.curvature.ranks import leave
+        from curvscope.figures.render import render
+        from curvscope.store.hdf5 import check_label, check_writable, stored_labels, write_records
 
     leader = launched_rank()[0] == 0  # under torchrun every rank computes; rank 0 alone writes and prints
     quiet = quiet or not leader
@@ -267,7 +269,8 @@ def _summary(record: "AnalysisRecord", output: Path, quiet: bool) -> None:
 def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...], labels: tuple[str, ...],
                    density_width: float | None, grey_insignificant: bool, shared_scale: bool) -> None:
     """Draw the figures of RESULTS (an HDF5 results file) from the stored data alone."""
-    from curvscope.figures.render import render
+    with exits_at_once():
+        from curvscope.figures.render import render
 
     for path in render(results, out_dir, scales, labels or None, density_width, grey_insignificant, shared_scale):
         click.echo(str(path))
@@ -295,9 +298,10 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
     """
     import tempfile
 
-    from curvscope.audit import MATRICES, audit_checkpoint, audit_report, format_report
-    from curvscope.store.hdf5 import read_results, write_records
-    from curvscope.store.reader import looks_like_hdf5
+    with exits_at_once():
+        from curvscope.audit import MATRICES, audit_checkpoint, audit_report, format_report
+        from curvscope.store.hdf5 import read_results, write_records
+        from curvscope.store.reader import looks_like_hdf5
 
     ofs = list(MATRICES) if of == "both" else ["matrix" if of == "hessian" else of]
     options = options_from(settings, spectrum=False)
@@ -313,7 +317,8 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
             if looks_like_hdf5(head) or path.suffix in (".h5", ".hdf5"):  # a results file, maybe a damaged one
                 results = path
             else:
-                from curvscope.analysis import analyse_checkpoint, default_label
+                with exits_at_once():
+                    from curvscope.analysis import analyse_checkpoint, default_label
 
                 results = Path(tmp) / f"{default_label(path)}.h5"
                 records = analyse_checkpoint(path, options)
@@ -342,7 +347,8 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
 @click.argument("results", type=click.Path(path_type=Path, dir_okay=False))
 def info(results: Path) -> None:
     """Print what RESULTS (an HDF5 results file) holds."""
-    from curvscope.store.hdf5 import describe
+    with exits_at_once():
+        from curvscope.store.hdf5 import describe
 
     click.echo(describe(results))
 
