@@ -16,7 +16,7 @@ from conftest import make_case
 from curvscope import curvature_operator, kfac
 from curvscope.curvature.operator import full_gradient
 from curvscope.curvature.partition import make_partition
-from curvscope.curvature.ranks import join, shard, world
+from curvscope.curvature.ranks import join, leave, shard, world
 from curvscope.curvature.spectrum import spectrum
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.sources.losses import build_loss
@@ -27,6 +27,13 @@ SIZES = [5] * 6 + [3]
 
 def main(out: Path) -> None:
     join("cpu")
+    try:
+        compute(out)
+    finally:
+        leave()  # a process group left alive at exit can abort it ("terminate called without an active exception")
+
+
+def compute(out: Path) -> None:
     torch.set_num_threads(1)
     case = make_case("cnn", n=sum(SIZES))
     case.loss_fn = build_loss("nll")  # built in, so that Monte-Carlo K-FAC can sample its labels
