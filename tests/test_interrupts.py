@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import ROOT, SHIPPED, interruptible, write_tiny_bundle
 
@@ -67,7 +68,8 @@ def test_interrupt_while_shutting_down(tmp_path: Path) -> None:
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
-def test_an_interrupt_while_libraries_load_exits_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_libraries_load_exits_at_once(tmp_path: Path, sig: str) -> None:
     """Inside exits_at_once (the command line's imports), SIGINT exits 130 with one line even where a
     KeyboardInterrupt would go wrong: raised in exec'd code, as dataclasses runs while torch loads, it made the
     interpreter kill itself with SIGINT after a clean exit (-2); swallowed by a bare except, it was lost."""
@@ -76,7 +78,7 @@ def test_an_interrupt_while_libraries_load_exits_at_once(tmp_path: Path) -> None
                       "from curvscope.cli.entry import exits_at_once\n"
                       "with exits_at_once():\n"
                       "    try:\n"
-                      "        exec('os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10 ** 7): pass')\n"
+                      f"        exec('os.kill(os.getpid(), signal.{sig})\\nfor _ in range(10 ** 7): pass')\n"
                       "    except BaseException:\n"
                       "        pass\n"
                       "print('not interrupted')\n")
