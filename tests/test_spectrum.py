@@ -184,3 +184,22 @@ def test_eigenvalues_fit_their_basis_to_the_memory_budget() -> None:
     with curvature_operator(case.model, case.loss_fn, batches, max_memory=lanczos_memory(n, k, k + 2) - 1) as op:
         with pytest.raises(CurvscopeError, match="Lanczos basis of 6.*raise it"):
             eigenvalues(op, k=k)
+
+
+def test_traces_refuse_what_does_not_fit_the_memory_budget() -> None:
+    """Hutch++ holds s + 4 vectors (s = matvecs // 3), or the n unit vectors of an exact trace; trace() checks
+    them against the operator's max_memory before any product, as eigenvalues() does its basis."""
+    from curvscope import curvature_operator
+    from curvscope.curvature.hutchpp import hutchpp_memory
+
+    assert hutchpp_memory(10 ** 6, 30) == 8 * 10 ** 6 * 14 and hutchpp_memory(10 ** 6, 5) == 8 * 10 ** 6 * 6
+    assert hutchpp_memory(20, 30) == 8 * 20 * 21
+    case = make_case("mlp")
+    batches = case.batches([5, 7])
+    n = sum(p.numel() for p in case.model.parameters())
+    with curvature_operator(case.model, case.loss_fn, batches, max_memory=hutchpp_memory(n, 9)) as op:
+        assert trace(op, matvecs=9).matvecs == 9 and op.count == 9
+    with curvature_operator(case.model, case.loss_fn, batches, max_memory=hutchpp_memory(n, 9) - 1) as op:
+        with pytest.raises(CurvscopeError, match="Hutch\\+\\+ trace of 9 products.*raise it, or ask for fewer"):
+            trace(op, matvecs=9)
+        assert op.count == 0  # refused before any product

@@ -70,6 +70,15 @@ def _orthonormalise(rows: torch.Tensor) -> int:
     return kept
 
 
+def hutchpp_memory(n: int, matvecs: int) -> int:
+    """Bytes of float64 vectors :func:`hutchpp_parts` (and :func:`hutchpp`) hold at once for an operator of size
+    n: the sketch of s = max(⌊matvecs/3⌋, 2) vectors (Q formed in its place) and 4 more; n unit vectors' worth
+    when n <= matvecs (the exact trace)."""
+    if n <= matvecs:
+        return 8 * n * (n + 1)
+    return 8 * n * (max(matvecs // 3, 2) + 4)
+
+
 def hutchpp_parts(matvec: MatVec, n: int, matvecs: int, sizes: Sequence[int], *, generator: torch.Generator,
                   device: torch.device) -> SharedTraces:
     """tr(C) by Hutch++ and tr(C_BB) of every part B (consecutive ranges of `sizes` scalars) from the same products.

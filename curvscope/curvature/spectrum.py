@@ -21,7 +21,7 @@ from torch import nn
 
 from curvscope.curvature import ranks
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY, DEFAULT_STEPS, DEFAULT_TOL, DEFAULT_TRACE_MATVECS
-from curvscope.curvature.hutchpp import hutchpp, hutchpp_parts
+from curvscope.curvature.hutchpp import hutchpp, hutchpp_memory, hutchpp_parts
 from curvscope.curvature.kinds import DEFAULT_CURVATURE
 from curvscope.curvature.lanczos import (
     default_basis,
@@ -56,15 +56,19 @@ def fitted_basis(n: int, k: int, budget: int) -> int:
     return basis
 
 
+def _refuse_beyond(held: int, budget: int, what: str, fewer: str) -> None:
+    """Refuse a computation whose float64 vectors (`held` bytes) do not fit the memory budget."""
+    if held > budget:
+        raise CurvscopeError(f"{what} need {held / 2**20:.1f} MiB of float64 vectors and the memory budget "
+                             f"(--max-memory, or the operator's max_memory) allows {budget / 2**20:.1f} MiB: raise "
+                             f"it, or ask for {fewer}.")
+
+
 def _basis_within(n: int, k: int, budget: int) -> int:
     """:func:`fitted_basis`, refused when even the smallest basis does not fit `budget` bytes."""
     basis = fitted_basis(n, k, budget)
-    held = lanczos_memory(n, k, basis)
-    if held > budget:
-        raise CurvscopeError(f"{k} eigenvalues of an operator of {n} entries need {held / 2**20:.0f} MiB of float64 "
-                             f"vectors (a Lanczos basis of {basis}) and the memory budget (--max-memory, or the "
-                             f"operator's max_memory) allows {budget / 2**20:.0f} MiB: raise it, or ask for fewer "
-                             f"eigenvalues.")
+    _refuse_beyond(lanczos_memory(n, k, basis), budget,
+                   f"{k} eigenvalues of an operator of {n} entries (a Lanczos basis of {basis})", "fewer eigenvalues")
     return basis
 
 
@@ -186,9 +190,13 @@ def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch
           group: str | None = None, *, curvature: str = DEFAULT_CURVATURE, matvecs: int = DEFAULT_TRACE_MATVECS,
           seed: int = 0, max_memory: int = DEFAULT_MAX_MEMORY, device: str | torch.device | None = None,
           dtype: torch.dtype | None = None) -> TraceResult:
-    """tr(C) or tr(C_BB) by Hutch++, with `.value` and `.stderr` (`source` as in :func:`eigenvalues`)."""
+    """tr(C) or tr(C_BB) by Hutch++, with `.value` and `.stderr` (`source` as in :func:`eigenvalues`); refused when
+    its vectors (:func:`~curvscope.curvature.hutchpp.hutchpp_memory`) do not fit the operator's max_memory."""
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
-        return _led(op, lambda: block_trace(op.operator(group), matvecs, seed=seed, group=group or ""))
+        block = op.operator(group)
+        _refuse_beyond(hutchpp_memory(block.dim, matvecs), op.max_memory,
+                       f"a Hutch++ trace of {matvecs} products of an operator of {block.dim} entries", "fewer products")
+        return _led(op, lambda: block_trace(block, matvecs, seed=seed, group=group or ""))
 
 
 def spectral_density(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch] | None = None,
@@ -261,8 +269,8 @@ def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_run
     whole = _reported(hp.operator(None), lambda: progress(stage, done, total))
     budget = hp.max_memory if max_memory is None else max_memory
     basis = fitted_basis(whole.dim, k, budget)
-    sketch = 8 * whole.dim * (max(trace_matvecs // 3, 2) + 4)  # Hutch++: its sketch (Q in its place) and 4 more
-    held = max(lanczos_memory(whole.dim, k, basis), slq_memory(whole.dim, slq_steps, SLQ_REORTHOGONALISE), sketch)
+    held = max(lanczos_memory(whole.dim, k, basis), slq_memory(whole.dim, slq_steps, SLQ_REORTHOGONALISE),
+               hutchpp_memory(whole.dim, trace_matvecs))
     if held > budget:
         raise CurvscopeError(f"the spectra need {held / 2**20:.0f} MiB of float64 vectors of {whole.dim} entries "
                              f"(Lanczos with {basis}, and Hutch++'s sketch of --trace-matvecs {trace_matvecs}) and "
