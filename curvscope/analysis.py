@@ -128,22 +128,22 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
                 op, k=options.top_k, tol=options.lanczos_tol, max_steps=options.lanczos_steps,
                 slq_runs=options.slq_runs, slq_steps=options.lanczos_steps, trace_matvecs=options.trace_matvecs,
                 seed=options.seed, blocks=options.block_spectra, max_memory=options.max_memory, progress=progress)
-        if order3 is not None:  # the cubic steps asked for join the interaction steps
-            inter = replace(inter, steps=inter.steps + cubic_steps(order3, inter))
+        n_steps = len(inter.steps)
         etas = [st.learning_rates for st in inter.steps]
         if kfac_parts is not None:
             etas.append(kfac_parts.measures.step.learning_rates)
-        found = [] if order3 is None else [i for i, st in enumerate(order3.steps) if st.found]
-        etas += [order3.steps[i].learning_rates for i in found] if order3 is not None else []
-        _, after = loss_after_steps(model, ckpt.loss_fn, batches, part, [e for e in etas if np.all(np.isfinite(e))],
-                                    gradient=gradient, output_key=options.output_key, batchnorm=options.batchnorm)
-        after = _spread(after, [bool(np.all(np.isfinite(e))) for e in etas])
-        kf = None if kfac_parts is None else replace(kfac_parts,
-                                                     actual_decrease=pseudo.loss - float(after[len(inter.steps)]))
-        if order3 is not None:
-            actual = np.full(len(order3.steps), np.nan)
-            actual[found] = pseudo.loss - after[len(after) - len(found):]
-            order3 = replace(order3, actual_decrease=actual)
+        cubic_at = len(etas)
+        if order3 is not None:  # every λ_int's step, the figure's grid and those asked for, each evaluated once
+            etas += [st.learning_rates for st in order3.steps]
+        finite = [bool(np.all(np.isfinite(e))) for e in etas]  # a step not found has NaN learning rates
+        _, kept = loss_after_steps(model, ckpt.loss_fn, batches, part, [e for e, ok in zip(etas, finite) if ok],
+                                   gradient=gradient, output_key=options.output_key, batchnorm=options.batchnorm)
+        after = _spread(kept, finite)
+        kf = None if kfac_parts is None else replace(kfac_parts, actual_decrease=pseudo.loss - float(after[n_steps]))
+        if order3 is not None:  # the cubic steps asked for join the interaction steps, with their losses
+            order3 = replace(order3, actual_decrease=pseudo.loss - after[cubic_at:])
+            inter = replace(inter, steps=inter.steps + cubic_steps(order3, inter))
+            after = np.concatenate([after[:n_steps], after[cubic_at:][order3.requested]])
         attrs = {**common, "n_samples": pseudo.n_samples, "n_batches": pseudo.n_batches, "loss_value": pseudo.loss,
                  "curvature": curvature, "partition": pseudo.partition, "strategy": pseudo.strategy,
                  "kfac_note": kfac_note, "collinear": collinear,

@@ -239,6 +239,9 @@ def test_analyse_with_order3_stores_reports_and_draws(tmp_path: Path) -> None:
         assert grp["order3/cubic/requested"][()].sum() == 2
         kinds = [k.decode() for k in grp["interactions/steps/kind"][()]]
         assert kinds.count("cubic") == 2
+        asked = grp["order3/cubic/requested"][()]  # the rows asked for carry the same losses as order3/cubic/
+        np.testing.assert_array_equal(grp["interactions/steps/actual_decrease"][()][np.array(kinds) == "cubic"],
+                                      grp["order3/cubic/actual_decrease"][()][asked])
         assert "order3" not in fh["checkpoints/tiny_ep03@ggn"]  # D is the loss's, beside the Hessian only
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "order-3 diagonal D" in info.output and "cubic step (λ_int=2)" in info.output
