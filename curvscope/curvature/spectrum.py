@@ -56,19 +56,22 @@ def fitted_basis(n: int, k: int, budget: int) -> int:
     return basis
 
 
-def _refuse_beyond(held: int, budget: int, what: str, fewer: str) -> None:
+BUDGET = "the memory budget (--max-memory, or the operator's max_memory)"
+
+
+def _refuse_beyond(held: int, budget: int, what: str, remedy: str, budget_name: str = BUDGET) -> None:
     """Refuse a computation whose float64 vectors (`held` bytes) do not fit the memory budget."""
     if held > budget:
-        raise CurvscopeError(f"{what} need {held / 2**20:.1f} MiB of float64 vectors and the memory budget "
-                             f"(--max-memory, or the operator's max_memory) allows {budget / 2**20:.1f} MiB: raise "
-                             f"it, or ask for {fewer}.")
+        raise CurvscopeError(f"{what} need {held / 2**20:.1f} MiB of float64 vectors and {budget_name} allows "
+                             f"{budget / 2**20:.1f} MiB: {remedy}.")
 
 
 def _basis_within(n: int, k: int, budget: int) -> int:
     """:func:`fitted_basis`, refused when even the smallest basis does not fit `budget` bytes."""
     basis = fitted_basis(n, k, budget)
     _refuse_beyond(lanczos_memory(n, k, basis), budget,
-                   f"{k} eigenvalues of an operator of {n} entries (a Lanczos basis of {basis})", "fewer eigenvalues")
+                   f"{k} eigenvalues of an operator of {n} entries (a Lanczos basis of {basis})",
+                   "raise it, or ask for fewer eigenvalues")
     return basis
 
 
@@ -195,7 +198,8 @@ def trace(source: Source, loss_fn: LossFn | None = None, batches: Iterable[Batch
     with _operator(source, loss_fn, batches, curvature, max_memory, device, dtype) as op:
         block = op.operator(group)
         _refuse_beyond(hutchpp_memory(block.dim, matvecs), op.max_memory,
-                       f"a Hutch++ trace of {matvecs} products of an operator of {block.dim} entries", "fewer products")
+                       f"a Hutch++ trace of {matvecs} products of an operator of {block.dim} entries",
+                       "raise it, or ask for fewer products")
         return _led(op, lambda: block_trace(block, matvecs, seed=seed, group=group or ""))
 
 
@@ -271,11 +275,9 @@ def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_run
     basis = fitted_basis(whole.dim, k, budget)
     held = max(lanczos_memory(whole.dim, k, basis), slq_memory(whole.dim, slq_steps, SLQ_REORTHOGONALISE),
                hutchpp_memory(whole.dim, trace_matvecs))
-    if held > budget:
-        raise CurvscopeError(f"the spectra need {held / 2**20:.0f} MiB of float64 vectors of {whole.dim} entries "
-                             f"(Lanczos with {basis}, and Hutch++'s sketch of --trace-matvecs {trace_matvecs}) and "
-                             f"--max-memory allows {budget / 2**20:.0f} MiB: raise --max-memory, lower --top-k or "
-                             f"--trace-matvecs, or use --no-spectrum.")
+    _refuse_beyond(held, budget, f"the spectra of an operator of {whole.dim} entries (Lanczos with {basis}, and "
+                                 f"Hutch++'s sketch of --trace-matvecs {trace_matvecs})",
+                   "raise --max-memory, lower --top-k or --trace-matvecs, or use --no-spectrum", "--max-memory")
     stage = f"spectrum (vectors: {held / 2**20:.0f} MiB, Lanczos basis {basis})"
 
     def step() -> None:
