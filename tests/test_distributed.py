@@ -123,6 +123,28 @@ def test_torchrun_analyse_writes_once_what_one_process_writes(tmp_path: Path) ->
     _compare(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
+@pytest.mark.parametrize("ended", [False, True])
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["info", "missing.h5"], 2)])
+def test_a_process_that_ended_its_process_group_exits_without_finalising(tmp_path: Path, ended: bool,
+                                                                         args: list[str], code: int) -> None:
+    """After destroy_process_group, gloo's threads can still abort the interpreter's finalisation (SIGABRT,
+    "terminate called without an active exception": 4 of 36 two-process command-line runs on a loaded 2-core
+    machine, which torchrun then reports as failed). So a command that ended the group it joined leaves with
+    os._exit: its output flushed and its exit code kept, no finaliser run."""
+    script = tmp_path / "ended.py"
+    script.write_text("import atexit, sys\n"
+                      "import curvscope.curvature.ranks as ranks\n"
+                      f"ranks._left = {ended}\n"
+                      "atexit.register(print, 'finalised')\n"
+                      f"sys.argv = ['curvscope', *{args!r}]\n"
+                      "from curvscope.cli.entry import run\n"
+                      "run()\n")
+    done = _run([sys.executable, str(script)], tmp_path, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert ("finalised" in done.stdout) is not ended
+    assert ("curvscope" in done.stdout) if code == 0 else ("does not exist" in done.stderr), done.stderr
+
+
 def test_torchrun_audit_of_a_checkpoint_reports_once(tmp_path: Path) -> None:
     ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
     args = ["-m", "curvscope", "audit", str(ck), "--samples", "37", "--batch-size", "8", "--json"]

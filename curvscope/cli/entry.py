@@ -6,6 +6,7 @@ shuts down after the work, exits with 130 and one line instead of a traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -19,11 +20,7 @@ MESSAGE = "\ncurvscope: interrupted; results files were left as they were.\n"
 
 def _exit_now(signum: int, frame: Any) -> NoReturn:
     """Leave at once: the work is over (or not begun), and a results file is only ever replaced whole."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush()
     os.write(2, MESSAGE.encode())
     os._exit(EXIT_INTERRUPTED)
 
@@ -47,8 +44,25 @@ def exits_at_once() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _left_a_process_group() -> bool:
+    """Whether the command joined a torchrun process group and ended it (read without importing torch)."""
+    ranks = sys.modules.get("curvscope.curvature.ranks")
+    return ranks is not None and bool(ranks.left())
+
+
 def run() -> None:
-    """Run the command line; an interrupt before or after the command's own handling exits 130."""
+    """Run the command line; an interrupt before or after the command's own handling exits 130.
+
+    A process that ended a torchrun process group exits with its code without finalising the interpreter,
+    where gloo's threads may abort it (:func:`curvscope.curvature.ranks.left`)."""
     signal.signal(signal.SIGTERM, _exit_now)  # the command installs its own handler for the work itself
     try:
         with exits_at_once():
@@ -57,6 +71,12 @@ def run() -> None:
         main(prog_name="curvscope")
     except KeyboardInterrupt:
         _exit_now(signal.SIGINT, None)
+    except SystemExit as done:
+        if _left_a_process_group():
+            _flush()
+            logging.shutdown()
+            os._exit(done.code if isinstance(done.code, int) else int(done.code is not None))
+        raise
     finally:
         signal.signal(signal.SIGINT, _exit_now)  # shutting down: no KeyboardInterrupt in atexit or finalisers
         signal.signal(signal.SIGTERM, _exit_now)
