@@ -10,6 +10,8 @@ import datetime as _dt
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from curvscope.curvature.operator import CurvatureOperator, full_gradient
 from curvscope.curvature.partition import Partition, make_partition, tied_description
 from curvscope.curvature.ranks import all_sum_array, join, shard
 from curvscope.curvature.registry import curvature_operator
-from curvscope.curvature.spectrum import spectrum
+from curvscope.curvature.spectrum import spectrum, spectrum_memory
 from curvscope.curvature.step_loss import loss_after_steps
 from curvscope.errors import CurvscopeError
 from curvscope.measures.cubic import DAMPING_GRID, cubic_learning_rates
@@ -82,8 +84,27 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
     measures with the actual loss after each step, K-FAC's K̄ beside Ḡ and F̄ (unless turned off), and
     (unless turned off) the spectra: one record each.
 
-    The checkpoint, the data and the full gradient u are prepared once and shared by the curvatures.
+    The checkpoint, the data and the full gradient u are prepared once and shared by the curvatures. With
+    `options.threads`, torch computes with that many CPU threads, and the number it had is restored after.
     """
+    with _threads(options.threads):
+        return _analyse(path, options, label, progress)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to n (left as they are when None) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _analyse(path: str | Path, options: AnalysisOptions, label: str | None, progress: Progress,
+             ) -> list[AnalysisRecord]:
     start = time.perf_counter()
     ckpt, batches, model, device = _prepare(path, options)
     common = {
@@ -92,7 +113,8 @@ def analyse_checkpoint(path: str | Path, options: AnalysisOptions, label: str | 
         "dataset_kwargs": _json(ckpt.data.get("kwargs", {})), "split": options.split,
         "batch_size": options.batch_size, "loss": ckpt.loss, "epoch": ckpt.epoch, "direction": "gradient",
         "seed": options.seed, "subset": "random (seeded)" if options.random_subset else "first",
-        "device": str(device), "dtype": options.dtype, "torch_version": str(torch.__version__),
+        "device": str(device), "dtype": options.dtype, "threads": torch.get_num_threads(),
+        "torch_version": str(torch.__version__),
         "curvscope_version": __version__,
         "frozen": ", ".join(n for n, p in ckpt.model.named_parameters() if not p.requires_grad),
         "determinism_warning": determinism_warning(model, ckpt.loss_fn, batches[0], output_key=options.output_key,
@@ -222,6 +244,8 @@ def _prepare(path: str | Path, options: AnalysisOptions,
     if options.spectrum and options.top_k > dim:
         raise CurvscopeError(f"--top-k {options.top_k} asks for more eigenvalues at each end than the model's "
                              f"{dim} trainable parameters give: lower --top-k to at most {dim}.")
+    if options.spectrum:  # before any work: the spectra's vectors must fit --max-memory
+        spectrum_memory(dim, options.top_k, options.lanczos_steps, options.trace_matvecs, options.max_memory)
     torch.manual_seed(options.seed)
     data_kwargs = dict(ckpt.data.get("kwargs") or {})
     if options.data is None and options.data_kwargs:  # e.g. --data-root for the recorded data set

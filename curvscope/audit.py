@@ -116,7 +116,7 @@ def _row(approximation: str, matrix: str, ratios: np.ndarray, step: dict, pd: bo
     if eff is not None:
         rule, verdict = f"efficiency >= {1 - tolerance:g}", VALID if eff >= 1 - tolerance else NOT_VALID
     elif math.isfinite(ratios[0]):
-        rule = f"off-block ratio <= {tolerance:g} (efficiency undefined)"
+        rule = f"off-block ratio <= {tolerance:g}, as the efficiency is undefined"
         verdict = VALID if ratios[0] <= tolerance else NOT_VALID
     else:
         rule, verdict = "efficiency and off-block ratio undefined: a diagonal entry of the matrix is zero " \
@@ -180,7 +180,7 @@ def format_report(report: dict) -> str:
                          f"{curvature_kind(c['curvature']).title}")
             continue
         head = (f"  {'approximation':14s} {'of':8s} {'r(all)':>9s} {'r(WW)':>9s} {'r(BB)':>9s} {'r(WB)':>9s} "
-                f"{'effic.':>9s} {'predicted':>10s} {'actual':>10s}  verdict (rule)")
+                f"{'effic.':>9s} {'predicted':>10s} {'actual':>10s}  verdict (rule: valid when)")
         lines.append(head)
         for r in c["approximations"]:
             rr = [_fmt(r["off_block_ratio"][p], ".3f") for p in PARTS]
@@ -191,7 +191,7 @@ def format_report(report: dict) -> str:
                     else r["approximation"] + " blocks")
             lines.append(f"  {name:14s} {of} {rr[0]:>9s} {rr[1]:>9s} {rr[2]:>9s} "
                          f"{rr[3]:>9s} {_fmt(r['efficiency'], '.3f'):>9s} {_fmt(r['predicted_decrease']):>10s} "
-                         f"{_fmt(r['actual_decrease']):>10s}  {verdict} ({r['rule']})")
+                         f"{_fmt(r['actual_decrease']):>10s}  {verdict} (rule: {r['rule']})")
         lines += [f"  K-FAC ({r['flavour']}, {r['kfac_approximation']}): efficiency {r['efficiency']:.3f} = 1 − "
                   f"{r['lost_to_blocks']:.3f} lost to the layer blocks − {r['lost_to_kronecker']:.3f} lost to the "
                   f"Kronecker factors" for r in c["approximations"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import Field, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from curvscope.curvature.defaults import (
     BATCHNORM_MODES,
@@ -27,19 +27,26 @@ PARTITIONS = ("canonical", "layer", "trivial", "discrete")
 
 
 def setting(default: Any, help: str, type: str = "text", *, low: float = 0, high: float | None = None,
-            open_low: bool = False, choices: tuple[str, ...] = (), flag: str | None = None) -> Any:
+            open_low: bool = False, choices: tuple[str, ...] = (), flag: str | None = None,
+            requires: tuple[str, tuple[Any, ...]] | None = None) -> Any:
     """A field of :class:`AnalysisOptions`, with what the command line and the checks need to know of it.
 
     `type`: "text", "count" (a whole number ≥ `low`), "number" (a finite number in [`low`, `high`], or
     (`low`, `high`] when `open_low`), "choice" (one of `choices`; a tuple default makes it repeatable),
     "json" (a mapping, given as JSON on the command line), "memory" (a count of bytes, given as 2G, 512M),
     "flag" (an on switch) or "toggle" (a --name/--no-name switch). `flag` overrides the option's name.
+    `requires` = (field, values): the setting does something only when that field takes one of `values` (one of
+    them among its values, for a repeatable field); see :meth:`AnalysisOptions.refuse_ignored`.
     """
     meta = {"help": help, "type": type, "low": low, "high": high, "open_low": open_low, "choices": choices,
-            "flag": flag}
+            "flag": flag, "requires": requires}
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+SPECTRUM = ("spectrum", (True,))
+KFAC_CURVATURES = ("curvatures", ("ggn", "fisher"))
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class AnalysisOptions:
     random_subset: bool = setting(False, "Analyse a random subset of --samples samples drawn with --seed, instead "
                                          "of the first ones.", "flag")
     device: str = setting("cpu", "cpu or cuda[:i].")
+    threads: int | None = setting(None, "CPU threads torch computes with [default: torch's, one per core]. On a "
+                                        "shared machine give the cores you have to yourself: threads that compete "
+                                        "with other jobs for cores slow down many times over.", "count", low=1)
     dtype: str = setting("float32", "Compute dtype (accumulation is always float64).", "choice",
                          choices=("float32", "float64"))
     strategy: str = setting("auto", "How the Hessian's second derivatives of a batch are organised.",
@@ -84,27 +94,34 @@ class AnalysisOptions:
     block_spectra: str = setting("layer", "Spectra of the diagonal blocks: layer (top eigenvalues of each layer; "
                                           "traces of every tensor and layer from the whole model's probes), tensor "
                                           "(top eigenvalues of each tensor as well), or off.", "choice",
-                                 choices=("layer", "tensor", "off"))
-    top_k: int = setting(5, "Eigenvalues at each end of the spectrum (top only for blocks).", "count", low=1)
+                                 choices=("layer", "tensor", "off"), requires=SPECTRUM)
+    top_k: int = setting(5, "Eigenvalues at each end of the spectrum (top only for blocks).", "count", low=1,
+                         requires=SPECTRUM)
     lanczos_steps: int = setting(DEFAULT_STEPS, "Lanczos products each eigenvalue run may use at least (restarted "
                                                 "runs go on to 20 x their basis until converged; they stop once "
-                                                "residuals are small); the SLQ steps.", "count", low=1)
+                                                "residuals are small); the SLQ steps.", "count", low=1,
+                                 requires=SPECTRUM)
     lanczos_tol: float = setting(DEFAULT_TOL, "An eigenvalue is converged when its residual is at most this times "
-                                              "the operator's norm.", "number", high=1, open_low=True)
-    slq_runs: int = setting(1, "Probe vectors of the SLQ density.", "count", low=1)
-    trace_matvecs: int = setting(DEFAULT_TRACE_MATVECS, "Curvature-vector products per Hutch++ trace.", "count", low=3)
+                                              "the operator's norm.", "number", high=1, open_low=True,
+                                  requires=SPECTRUM)
+    slq_runs: int = setting(1, "Probe vectors of the SLQ density.", "count", low=1, requires=SPECTRUM)
+    trace_matvecs: int = setting(DEFAULT_TRACE_MATVECS, "Curvature-vector products per Hutch++ trace.", "count", low=3,
+                                 requires=SPECTRUM)
     kfac: str = setting("auto", "K-FAC beside the GGN and Fisher records, under audit: auto (type-2 factors for ggn, "
                                 "empirical ones for fisher), mc (labels sampled from the model's predictive "
-                                "distribution, seeded by --seed), or off.", "choice", choices=("auto", "mc", "off"))
-    kfac_samples: int = setting(1, "Label draws per sample for --kfac mc.", "count", low=1)
+                                "distribution, seeded by --seed), or off.", "choice", choices=("auto", "mc", "off"),
+                    requires=KFAC_CURVATURES)
+    kfac_samples: int = setting(1, "Label draws per sample for --kfac mc.", "count", low=1, requires=("kfac", ("mc",)))
     kfac_approximation: str = setting("expand", "How K-FAC treats the positions of weight-shared layers (sequence "
                                                 "steps, pixels of a convolution): expand (each is a sample) or reduce "
-                                                "(summed out first).", "choice", choices=KFAC_APPROXIMATIONS)
+                                                "(summed out first).", "choice", choices=KFAC_APPROXIMATIONS,
+                                  requires=KFAC_CURVATURES)
     order3: bool = setting(False, "Hessian records: the order-3 diagonal D (H̄'s diagonal differentiated once "
                                   "more along each group's direction) and the paper's cubic-regularised learning "
                                   "rates, which join the interaction steps.", "flag")
     damping_int: tuple[float, ...] = setting((1.0,), "λ_int of the cubic-regularised learning rates (with --order3); "
-                                                     "repeat for several [default: the paper's 1].", "number", low=0)
+                                                     "repeat for several [default: the paper's 1].", "number", low=0,
+                                   requires=("order3", (True,)))
     max_memory: int = setting(DEFAULT_MAX_MEMORY, "Keep the graphs of the analysis set for reuse when they fit "
                                                   "this size (e.g. 512M, 2G), else recompute them; the spectra's "
                                                   "vectors must fit it too (the Lanczos basis shrinks to fit).",
@@ -119,6 +136,24 @@ class AnalysisOptions:
                                  f"steps can give: raise --lanczos-steps to at least {self.top_k} or lower --top-k.")
         if not self.curvatures or len(set(self.curvatures)) != len(self.curvatures):
             raise CurvscopeError(f"name each curvature once, not {', '.join(self.curvatures) or 'none'}.")
+
+
+    def refuse_ignored(self, given: Iterable[str]) -> None:
+        """Refuse the settings named in `given` (fields set on purpose, e.g. on the command line) that this
+        analysis would ignore, such as --damping-int without --order3: a silently ignored option is a result
+        the user did not get."""
+        by_name = {f.name: f for f in fields(self)}
+        for name in given:
+            requires = by_name[name].metadata["requires"]
+            if requires is None:
+                continue
+            other, values = requires
+            value = getattr(self, other)
+            if not any(v in values for v in (value if isinstance(value, tuple) else (value,))):
+                need = by_name[other]
+                wanted = "" if need.metadata["type"] in ("flag", "toggle") else " " + " or ".join(map(str, values))
+                raise CurvscopeError(f"{option_name(by_name[name])} does nothing without "
+                                     f"{option_name(need)}{wanted}: add that, or leave it out.")
 
 
 def _fits(meta: Any, value: Any) -> tuple[bool, str]:

@@ -58,7 +58,7 @@ def test_layer_approximation_valid_when_layers_do_not_interact(tmp_path: Path) -
     out = results_file(tmp_path, Branches().double())
     res = audit(out, "--approximation", "layer")
     assert res.exit_code == 0, res.output
-    assert "valid (efficiency >= 0.9)" in res.output and "all valid" in res.output
+    assert "valid (rule: efficiency >= 0.9)" in res.output and "all valid" in res.output
     doc = json.loads(audit(out, "--approximation", "layer", "--json").output)
     for row in doc["checkpoints"][0]["approximations"]:
         assert row["efficiency"] == pytest.approx(1.0, abs=1e-12)
@@ -106,6 +106,20 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "not a" in res.output
     res = audit(tmp_path / "junk.pt", "--tolerance", "2")
     assert res.exit_code == 2
+
+
+def test_options_the_audit_would_ignore_are_refused(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Analysis options with only results files, K-FAC of the inverse alone, K-FAC options for a Hessian-only
+    analysis: each would be silently ignored, so each is refused (exit 2) before any work."""
+    out = results_file(tmp_path, Branches().double())
+    res = audit(out, "--samples", "10", "--seed", "3")
+    assert res.exit_code == 2 and "--samples, --seed only apply to checkpoints" in " ".join(res.output.split())
+    res = audit(out, "--approximation", "kfac", "--of", "inverse")
+    assert res.exit_code == 2 and "drop --of inverse" in " ".join(res.output.split())
+    res = audit(tiny_bundle, "--kfac", "mc")
+    assert res.exit_code == 2 and "--kfac does nothing without --curvature ggn or fisher" in " ".join(
+        res.output.split()) and "gradient" not in res.output
+    assert audit(out, "--approximation", "kfac", "--approximation", "layer", "--of", "inverse").exit_code == 1
 
 
 def test_undefined_measures_give_an_undefined_verdict(tmp_path: Path) -> None:

@@ -172,14 +172,21 @@ def test_block_spectra_setting_end_to_end(tmp_path: Path, blocks: str, with_top:
     summary = f"diagonal blocks: traces of 6 (hutch++ (shared products)), top eigenvalues of {len(with_top)}"
     assert summary in info.output
     (ck_read,) = read_results(out)
-    fig = blocks_figure(ck_read)  # traces of every block; eigenvalues where stored
-    top_axes = fig.axes[:2]
-    assert [ax.get_title() for ax in top_axes] == ["top eigenvalues of each layer block",
-                                                   "top eigenvalues of each tensor block"]
+    fig = blocks_figure(ck_read)  # traces of every block; eigenvalues where stored, and only those panels
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     layers = [g for g in with_top if g in ("net.1", "net.3")]
-    assert [sum(len(c.get_offsets()) for c in ax.collections) for ax in top_axes] == [
-        2 * len(layers), 2 * (len(with_top) - len(layers))]
-    assert [len(ax.patches) for ax in fig.axes[2:]] == [2, 4]
+    tops = {"layer": 2 * len(layers), "tensor": 2 * (len(with_top) - len(layers))}
+    assert {t for t in axes if t.startswith("top")} == {f"top eigenvalues of each {k} block" for k, n in tops.items()
+                                                        if n}
+    for kind, n in tops.items():
+        if n:
+            assert sum(len(c.get_offsets()) for c in axes[f"top eigenvalues of each {kind} block"].collections) == n
+    assert [_points(axes[f"trace of each {k} block (± 1 s.e.)"]) for k in ("layer", "tensor")] == [2, 4]
+
+
+def _points(ax) -> int:
+    """The traces a panel draws: points (with error bars), one per block."""
+    return sum(len(line.get_xdata()) for line in ax.lines if line.get_marker() == "o")
 
 
 def test_info_and_render_read_files_of_the_older_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +231,10 @@ def test_render_draws_traces_of_blocks_without_eigenvalues(tmp_path: Path) -> No
                 del blocks[g]["top"]
     ck = read_results(old)[0]
     fig = blocks_figure(ck)
-    assert [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes[:2]] == [5 * 5, 0]
-    assert "not computed" in fig.axes[1].texts[0].get_text() and len(fig.axes[3].patches) == 10
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(axes) == ["top eigenvalues of each layer block", "trace of each layer block (± 1 s.e.)",
+                          "trace of each tensor block (± 1 s.e.)"]
+    assert sum(len(c.get_offsets()) for c in axes["top eigenvalues of each layer block"].collections) == 5 * 5
+    assert "not computed" in fig.get_suptitle() and _points(axes["trace of each tensor block (± 1 s.e.)"]) == 10
     text = describe(old)
     assert "top eigenvalues of 5" in text and "conv1.weight" in text

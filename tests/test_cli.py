@@ -72,6 +72,40 @@ def test_rerun_skips_stored_labels_unless_overwrite(tmp_path: Path) -> None:
         assert fh["checkpoints/tiny_ep03/spectrum/top/values"].shape == (2,)
 
 
+def test_overwrite_warns_of_stored_parts_it_does_not_recompute(tmp_path: Path) -> None:
+    ck = write_tiny_bundle(tmp_path / "tiny_ep03.pt")
+    out = tmp_path / "r.h5"
+    assert run("analyse", ck, "-o", out, "--no-render", "--top-k", "2").exit_code == 0
+    res = CliRunner().invoke(main, ["analyse", str(ck), "-o", str(out), "--no-render", "--overwrite", "-q",
+                                    "--no-spectrum"])
+    assert res.exit_code == 0 and res.stdout == ""
+    assert ("warning: --overwrite replaces tiny_ep03, whose stored spectra this run does not compute (--spectrum "
+            "would): they will be gone.") in " ".join(res.stderr.split())
+    res = CliRunner().invoke(main, ["analyse", str(ck), "-o", str(out), "--no-render", "--overwrite", "-q",
+                                    "--top-k", "2"])
+    assert res.exit_code == 0 and res.stderr == ""  # nothing stored is lost
+
+
+def test_threads_are_set_for_the_analysis_recorded_and_restored(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    out = tmp_path / "r.h5"
+    for threads, shown in ((1, "(1 thread)"), (None, f"({before} thread")):
+        extra = ["--threads", str(threads)] if threads else []
+        res = run("analyse", write_tiny_bundle(tmp_path / "t.pt"), "-o", out, "--no-render", "--no-spectrum",
+                  "--overwrite", *extra)
+        assert res.exit_code == 0 and torch.get_num_threads() == before, res.output
+        with h5py.File(out) as fh:
+            assert fh["checkpoints/t"].attrs["threads"] == (threads or before)
+        assert shown in run("info", out).output
+    assert run("analyse", tmp_path / "t.pt", "--threads", "0").exit_code == 2
+
+
+def test_no_command_shows_the_help_as_it_is() -> None:
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 2 and "curvscope: error" not in res.output
+    assert res.output.startswith("Usage: ") and "\nCommands:\n  analyse" in res.output
+
+
 def test_several_checkpoints_in_one_file(tmp_path: Path) -> None:
     a = write_tiny_bundle(tmp_path / "tiny_ep01.pt", epoch=1)
     b = write_tiny_bundle(tmp_path / "tiny_ep02.pt", epoch=2)
@@ -116,7 +150,39 @@ BAD = {
                                              '{"shape": [5], "num_classes": 3, "n": 40}'], "cannot be evaluated"),
     "empty data set": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--samples", "0"], "--samples.*x>=1"),
     "unknown plug-in": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--model", "nowhere.mod:f"], "cannot import"),
+    "text as checkpoint": (lambda tmp: [_text(tmp)], "neither a zip archive nor a pickle"),
+    "truncated checkpoint": (lambda tmp: [_truncated(tmp)], "damaged or truncated"),
+    "results file as checkpoint": (lambda tmp: [_hdf5(tmp)], "is an HDF5 file .* 'curvscope info'"),
+    "spectra beyond --max-memory": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--max-memory", "1K"],
+                                    r"need 1\d\.\d KiB of float64 vectors and --max-memory allows 1 KiB"),
+    "--damping-int without --order3": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--damping-int", "1"],
+                                       "--damping-int does nothing without --order3"),
+    "spectrum option without spectra": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--no-spectrum", "--top-k",
+                                                     "3"], "--top-k does nothing without --spectrum"),
+    "K-FAC option for the Hessian": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--kfac-approximation",
+                                                  "reduce"], "without --curvature ggn or fisher"),
+    "--kfac-samples without --kfac mc": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--curvature", "fisher",
+                                                      "--kfac-samples", "3"], "--kfac-samples does nothing"),
 }
+BEFORE_WORK = {"text as checkpoint", "truncated checkpoint", "results file as checkpoint",
+               "spectra beyond --max-memory", "--damping-int without --order3", "spectrum option without spectra",
+               "K-FAC option for the Hessian", "--kfac-samples without --kfac mc"}
+
+
+def _text(tmp: Path) -> Path:
+    (tmp / "notes.pt").write_text("hello world\n")
+    return tmp / "notes.pt"
+
+
+def _truncated(tmp: Path) -> Path:
+    whole = write_tiny_bundle(tmp / "whole.pt").read_bytes()
+    (tmp / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    return tmp / "cut.pt"
+
+
+def _hdf5(tmp: Path) -> Path:
+    h5py.File(tmp / "results.h5", "w").close()
+    return tmp / "results.h5"
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -130,6 +196,8 @@ def test_bad_input_exits_2_and_leaves_results_intact(tmp_path: Path, existing: P
     import re
     assert re.search(message, " ".join(res.output.split())), res.output  # the paragraph wraps anywhere
     assert digest(existing) == before
+    if case in BEFORE_WORK:
+        assert "gradient" not in res.output, res.output
 
 
 def test_unwritable_output_and_newer_schema(tmp_path: Path) -> None:

@@ -38,9 +38,11 @@ def test_density_redrawn_from_stored_quadrature_keeps_unit_mass(stored) -> None:
                                                 grid=ck["spectrum/density/grid"])[1], ck["spectrum/density/density"])
     fig = density_figure(ck)
     assert fig.axes[0].get_yscale() == "log"
-    fig = blocks_figure(ck)
-    assert [ax.get_title() for ax in fig.axes][:2] == ["top eigenvalues of each layer block",
-                                                       "top eigenvalues of each tensor block"]
+    fig = blocks_figure(ck)  # the default settings compute the eigenvalues of layer blocks only: no empty panel
+    assert [ax.get_title() for ax in fig.axes] == ["top eigenvalues of each layer block",
+                                                   "trace of each layer block (± 1 s.e.)",
+                                                   "trace of each tensor block (± 1 s.e.)"]
+    assert "top eigenvalues of tensor blocks not computed" in fig.get_suptitle()
 
 
 def test_interaction_figures(stored) -> None:

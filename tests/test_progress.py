@@ -61,6 +61,25 @@ def test_fast_stages_print_only_their_start_and_end() -> None:
         "t: pseudo-Hessian 1/8 started", "t: pseudo-Hessian 8/8 done in 0.1 s"]
 
 
+def test_a_stage_that_pauses_for_another_goes_on_without_starting_again() -> None:
+    """The spectra report 0/9, then their first product keeps the graphs (a stage of its own), then the
+    spectra go on: one "started" line for them, and their time counts from their own start."""
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLine("t", stream=out, clock=clock)
+    bar("spectrum", 0, 9)
+    for done in (2, 3):
+        clock.now += 1.0
+        bar("graphs", done, 3)
+    for done in range(10):
+        clock.now += 1.0
+        bar("spectrum", done, 9)
+    lines = [line.split(",")[0] for line in out.getvalue().splitlines()]
+    assert lines[:3] == ["t: spectrum 0/9 started", "t: graphs 2/3 started", "t: graphs 3/3 done in 2.0 s"]
+    assert sum("started" in line for line in lines) == 2 and lines[-1] == "t: spectrum 9/9 done in 12.0 s"
+    bar("spectrum", 0, 9)  # a new spectrum (the next curvature) starts again
+    assert out.getvalue().splitlines()[-1].startswith("t: spectrum 0/9 started")
+
+
 def test_a_terminal_gets_the_live_line_and_quiet_gets_nothing() -> None:
     tty = Terminal()
     bar = ProgressLine("t", stream=tty)
@@ -85,7 +104,7 @@ def test_analyse_logs_progress_lines_when_stderr_is_not_a_terminal(bundle: Path,
     res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.h5")])
     assert res.exit_code == 0, res.output
     lines = res.stderr.splitlines()
-    assert "tiny: gradient 1/3 started" in lines[0]
+    assert "tiny: gradient 0/3 started" in lines[0]  # reported when the work starts, not after a batch
     assert any(line.startswith("tiny: pseudo-Hessian 3/3 done in ") for line in lines), lines
     assert all(line.startswith("tiny: ") for line in lines) and "\r" not in res.stderr
     assert "S=4 groups" in res.stdout  # the summary stays on stdout

@@ -20,10 +20,11 @@ import click
 
 from curvscope import __version__
 from curvscope.cli.entry import exits_at_once
-from curvscope.cli.options import analysis_options, options_from
+from curvscope.cli.options import FIELDS, analysis_options, given, options_from
 from curvscope.cli.types import FiniteFloat
 from curvscope.curvature.kinds import curvature_kind
 from curvscope.errors import CurvscopeError, summary
+from curvscope.settings import option_name
 
 if TYPE_CHECKING:
     from curvscope.analysis import AnalysisRecord
@@ -59,6 +60,10 @@ def interrupted() -> NoReturn:
     sys.exit(EXIT_INTERRUPTED)
 
 
+NO_ARGS: tuple[type[click.UsageError], ...] = tuple(
+    getattr(click.exceptions, name) for name in ("NoArgsIsHelpError",) if hasattr(click.exceptions, name))
+
+
 class Command(click.Group):
     """A click group whose every failure is one paragraph on stderr and an exit code, never a traceback.
 
@@ -76,6 +81,9 @@ class Command(click.Group):
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except CurvscopeError as exc:
             self._fail(str(exc), EXIT_BAD_INPUT, debug)
+        except NO_ARGS as exc:  # `curvscope` alone (click >= 8.2): the help as it is, not folded into an error
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(EXIT_BAD_INPUT)
         except click.ClickException as exc:  # a bad option or argument
             hint = f" (see '{exc.ctx.command_path} --help')" if isinstance(exc, click.UsageError) and exc.ctx else ""
             self._fail(exc.format_message().rstrip(".") + hint + ".", EXIT_BAD_INPUT, debug)
@@ -156,7 +164,8 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
         from curvscope.curvature.kinds import record_label
         from curvscope.curvature.ranks import leave
         from curvscope.figures.render import render
-        from curvscope.store.hdf5 import check_label, check_writable, stored_labels, write_records
+        from curvscope.store.hdf5 import OPTIONAL_PARTS, check_label, check_writable, stored_parts, write_records
+        from curvscope.store.reader import holds_hdf5
 
     leader = launched_rank()[0] == 0  # under torchrun every rank computes; rank 0 alone writes and prints
     quiet = quiet or not leader
@@ -167,13 +176,24 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
     for path in checkpoints:
         if not path.is_file():
             raise CurvscopeError(f"checkpoint {str(path)!r} does not exist or is not a file.")
+        if holds_hdf5(path):
+            raise CurvscopeError(f"{str(path)!r} is an HDF5 file (a curvscope results file?), not a checkpoint: "
+                                 f"'curvscope info', 'render' and 'audit' read results files.")
     output = output or _default_output(stems)
     check_writable(output)
     for stem in stems:
         for curvature in settings["curvatures"]:
             check_label(record_label(stem, curvature))
     options = options_from(settings, data_kwargs=_data_kwargs(settings["data_kwargs"], data_root))
-    done = set(stored_labels(output))
+    done = stored_parts(output)
+    made = {"spectra": options.spectrum, "order-3 results": options.order3, "K-FAC": options.kfac != "off"}
+    for stem in stems if overwrite and leader else []:
+        for label in (record_label(stem, c) for c in options.curvatures):
+            lost = sorted(part for part in done.get(label, ()) if not made[part])
+            if lost:
+                click.echo(f"curvscope: warning: --overwrite replaces {label}, whose stored {' and '.join(lost)} "
+                           f"this run does not compute ({', '.join(OPTIONAL_PARTS[p][1] for p in lost)} would): "
+                           f"they will be gone.", err=True)
     written: list[str] = []
     for path, stem in zip(checkpoints, stems):
         wanted = tuple(c for c in options.curvatures if overwrite or record_label(stem, c) not in done)
@@ -286,25 +306,41 @@ def render_command(results: Path, out_dir: Path | None, scales: tuple[str, ...],
                                       "block-diagonally, or C̄⁻¹, or audit both.")
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Valid when efficiency ≥ 1 − tolerance (or, if undefined, off-block ratio ≤ tolerance).")
-@click.option("--json", "as_json", is_flag=True, help="Print every number as JSON (format curvscope-audit v1).")
-@analysis_options("curvatures", "samples", "batch_size", "device", "kfac", "kfac_samples", "kfac_approximation")
+@click.option("--json", "as_json", is_flag=True, help="Print every number as JSON (format curvscope-audit, "
+                                                       "version 2).")
+@analysis_options("curvatures", "samples", "batch_size", "seed", "device", "threads", "kfac", "kfac_samples",
+                  "kfac_approximation")
 def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, tolerance: float, as_json: bool,
           **settings: Any) -> None:
     """Is a block-diagonal curvature approximation (or K-FAC) valid? INPUTS: results files or checkpoints.
 
     Exit 0 when every audited approximation is valid, 1 when any is not, 2 on bad input.
-    Checkpoints are analysed first (without spectra, with --curvature, --samples, --batch-size and
-    --device) into a temporary results file.
+    Checkpoints are analysed first (without spectra, with --curvature, --samples, --batch-size, --seed,
+    --device and the K-FAC options) into a temporary results file. K-FAC is audited as an approximation
+    of C̄: its step applies K-FAC's own inverse, so its efficiency covers the inverse too.
     """
+    if set(approximations) == {"kfac"} and of == "inverse":
+        raise CurvscopeError("K-FAC is audited as an approximation of C̄ (its step efficiency already applies "
+                             "K-FAC's inverse): drop --of inverse, or add --approximation layer or tensor for "
+                             "block approximations of C̄⁻¹.")
     import tempfile
 
     with exits_at_once():
         from curvscope.audit import MATRICES, audit_checkpoint, audit_report, format_report
         from curvscope.store.hdf5 import read_results, write_records
-        from curvscope.store.reader import looks_like_hdf5
+        from curvscope.store.reader import holds_hdf5
 
     ofs = list(MATRICES) if of == "both" else ["matrix" if of == "hessian" else of]
     options = options_from(settings, spectrum=False)
+    def is_results(path: Path) -> bool:
+        return holds_hdf5(path) or path.suffix in (".h5", ".hdf5")
+
+    results_only = all(path.is_file() and is_results(path) for path in inputs)
+    if results_only and given(settings):
+        names = [option_name(FIELDS[n]) for n in given(settings)]
+        raise CurvscopeError(f"{', '.join(names)} only appl{'ies' if len(names) == 1 else 'y'} to checkpoints, "
+                             f"which audit analyses first; every input here is a results file, audited as it "
+                             f"was stored: leave {'it' if len(names) == 1 else 'them'} out.")
     leader = launched_rank()[0] == 0  # under torchrun every rank analyses checkpoints; rank 0 alone audits
     analysed = False
     reports = []
@@ -312,9 +348,7 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
         for path in inputs:
             if not path.is_file():
                 raise CurvscopeError(f"{str(path)!r} does not exist or is not a file.")
-            with path.open("rb") as fh:
-                head = fh.read(1 << 16)
-            if looks_like_hdf5(head) or path.suffix in (".h5", ".hdf5"):  # a results file, maybe a damaged one
+            if is_results(path):  # a results file, maybe a damaged one
                 results = path
             else:
                 with exits_at_once():

@@ -11,6 +11,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from curvscope.cli.types import FiniteFloat, JsonObject, MemorySize, count
 from curvscope.settings import AnalysisOptions, option_name
@@ -67,7 +68,18 @@ def analysis_options(*names: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def given(params: dict[str, Any]) -> list[str]:
+    """The analysis settings among a command's `params` that its user gave (on the command line or through the
+    environment), not left at their defaults."""
+    ctx = click.get_current_context()
+    chosen = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return [name for name in params if name in FIELDS and ctx.get_parameter_source(name) in chosen]
+
+
 def options_from(params: dict[str, Any], **overrides: Any) -> AnalysisOptions:
-    """The AnalysisOptions of a command's parsed `params` (other keys ignored), with `overrides` applied."""
+    """The AnalysisOptions of a command's parsed `params` (other keys ignored), with `overrides` applied; a given
+    option that the analysis would ignore is refused (:meth:`AnalysisOptions.refuse_ignored`)."""
     values = {name: tuple(v) if isinstance(v, (list, tuple)) else v for name, v in params.items() if name in FIELDS}
-    return AnalysisOptions(**{**values, **overrides})
+    options = AnalysisOptions(**{**values, **overrides})
+    options.refuse_ignored(given(params))
+    return options

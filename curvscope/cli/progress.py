@@ -3,12 +3,13 @@
 On a terminal, one line redrawn in place: ``label: stage [####    ] k/n  12.3 s``. Elsewhere, where a
 redrawn line would be noise, one line per event, each complete::
 
-    mlp: gradient 1/8 started, 0.0 s
+    mlp: gradient 0/8 started, 0.0 s
     mlp: pseudo-Hessian 4/8 (50 %), 12.1 s
     mlp: pseudo-Hessian 8/8 done in 23.9 s, 24.2 s in all
 
 A stage's start and end, and between them a line every `interval` seconds (10 by default) and at each
-tenth of the stage, at most one a second. Nothing at all when disabled (``-q``).
+tenth of the stage, at most one a second. A stage that pauses for another (the spectra while their first
+product keeps the graphs) goes on without a second "started". Nothing at all when disabled (``-q``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class ProgressLine:
         self.last_call = self.start  # when the last report came: a new stage's work began then
         self.tenth = 0  # tenths of the current stage already reported
         self.finished = False  # the current stage's end was reported
+        self.begun: dict[str, float] = {}  # unfinished stages and when each began: one may pause for another
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.live:
@@ -59,13 +61,16 @@ class ProgressLine:
     def _log(self, stage: str, done: int, total: int) -> None:
         now, since = self.clock(), self.last_call
         self.last_call = now
-        if stage != self.stage:
-            self.stage, self.stage_start, self.tenth, self.finished = stage, since, 0, False
-            if done < total:
+        if stage != self.stage or (self.finished and done < total):  # a new stage, or the same one again
+            resumed = stage in self.begun  # e.g. the spectra, after the graphs their first product builds
+            self.stage, self.stage_start = stage, self.begun.setdefault(stage, since)
+            self.tenth, self.finished = (self.tenth, False) if resumed else (0, False)
+            if done < total and not resumed:
                 self._line(f"{stage} {done}/{total} started", now)
         if self.finished:
             return
         if done >= total:
+            self.begun.pop(stage, None)
             self.finished = True
             self._line(f"{stage} {done}/{total} done in {now - self.stage_start:.1f} s", now, in_all=True)
             return

@@ -33,7 +33,7 @@ import torch
 from curvscope.curvature import ranks
 from curvscope.curvature.kinds import KINDS
 from curvscope.curvature.moments import WeightedMoments
-from curvscope.curvature.objective import Objective, Progress, differentiate, no_progress
+from curvscope.curvature.objective import Objective, Progress, differentiate, no_progress, reported
 from curvscope.curvature.operator import CurvatureOperator, saved_bytes
 from curvscope.curvature.partition import Partition
 from curvscope.errors import CurvscopeError
@@ -161,9 +161,8 @@ class HessianOperator(CurvatureOperator):
         u64 = gradient[0]
         u = [g.to(p.dtype) for g, p in zip(u64, self.params)]
         moments = WeightedMoments()
-        for b, w in enumerate(self.obj.weights):
-            moments.add(w, self.batch_order3(b, u, u64, part))
-            progress("order-3", b + 1, len(self.obj.weights))
+        for b in reported(progress, "order-3", len(self.obj.weights)):
+            moments.add(self.obj.weights[b], self.batch_order3(b, u, u64, part))
         moments = moments.summed(ranks.all_sum_array)
         return moments.mean, moments.stderr
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvscope.curvature.kinds import KFAC_APPROXIMATIONS, KFAC_FLAVOUR_OF, KFAC_FLAVOURS
-from curvscope.curvature.objective import Progress, differentiate, no_progress
+from curvscope.curvature.objective import Progress, differentiate, no_progress, reported
 from curvscope.curvature.operator import CurvatureOperator
 from curvscope.curvature.partition import Partition, owner
 from curvscope.curvature.ranks import all_sum_array, all_sum_tensors, global_batch, world
@@ -287,7 +287,7 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
     sums_b: dict[str, torch.Tensor] = {}
     positions: dict[str, int] = {}
     dropped: set[str] = set()
-    for b in range(len(obj.batches)):
+    for b in reported(progress, "k-fac", len(obj.batches)):
         # MC labels seeded per batch of the whole set (batch 0 by `seed` itself): the same draws however many
         # processes share the batches
         generator = torch.Generator().manual_seed(seed + 1_000_003 * global_batch(b))
@@ -337,7 +337,6 @@ def kfac(op: CurvatureOperator, flavour: str | None = None, *, approximation: st
                 w = weights.reshape(-1, 1).expand(-1, g.shape[2]).reshape(-1).to(g.dtype)
                 acc = _second_moment(g.flatten(1, 2), w)
                 sums_b[lay.layer] = sums_b[lay.layer] + acc if lay.layer in sums_b else acc
-        progress("k-fac", b + 1, len(obj.batches))
     _sum_over_ranks(op, layers, sums_a, sums_b, positions, dropped)
     n = obj.n_samples
     kept = []

@@ -66,6 +66,15 @@ def no_progress(stage: str, done: int, total: int) -> None:
     """A progress callback that shows nothing."""
 
 
+def reported(progress: Progress, stage: str, count: int) -> Iterator[int]:
+    """0, 1, …, count − 1, reporting (stage, 0, count) before the first, so that a stage shows as started when
+    its work starts, and (stage, b + 1, count) after each."""
+    progress(stage, 0, count)
+    for b in range(count):
+        yield b
+        progress(stage, b + 1, count)
+
+
 def differentiate(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                   **kwargs: Any) -> tuple[torch.Tensor | None, ...]:
     """``torch.autograd.grad``, with a model that PyTorch cannot differentiate (twice) reported as bad input."""

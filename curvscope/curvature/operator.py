@@ -37,7 +37,7 @@ from curvscope.curvature import ranks
 from curvscope.curvature.defaults import DEFAULT_MAX_MEMORY
 from curvscope.curvature.kinds import CurvatureKind
 from curvscope.curvature.moments import WeightedMoments
-from curvscope.curvature.objective import Batch, Objective, Progress, differentiate, no_progress
+from curvscope.curvature.objective import Batch, Objective, Progress, differentiate, no_progress, reported
 from curvscope.curvature.partition import Partition, owner, trainable
 from curvscope.errors import CurvscopeError
 from curvscope.results import PseudoHessianResult
@@ -76,13 +76,13 @@ def full_gradient(obj: Objective, params: Sequence[torch.Tensor], progress: Prog
     """g = ∇L(θ) in float64 (one tensor per parameter) and L(θ), in one pass over the batches."""
     grad = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     loss = 0.0
-    for b, w in enumerate(obj.weights):
+    for b in reported(progress, "gradient", len(obj.weights)):
+        w = obj.weights[b]
         value = obj.batch_loss(b)
         for acc, g in zip(grad, differentiate(value, params, allow_unused=True)):
             if g is not None:
                 acc.add_(g.to(torch.float64), alpha=w)
         loss += w * float(value.detach())
-        progress("gradient", b + 1, len(obj.batches))
     ranks.all_sum_tensors(grad)
     return grad, float(ranks.all_sum_array([loss])[0])
 
@@ -237,10 +237,9 @@ class CurvatureOperator(ABC):
         u = [g.to(p.dtype) for g, p in zip(u64, self.params)]
         chosen, first = self.projection_method(u, u64, part, strategy)
         moments = WeightedMoments()  # streamed: memory does not grow with the number of batches
-        for b, w in enumerate(self.obj.weights):
+        for b in reported(progress, f"pseudo-{self.kind.short}", len(self.obj.weights)):
             cb = first if b == 0 and first is not None else self.batch_projection(b, u, u64, part, chosen)
-            moments.add(w, cb.cpu().numpy())
-            progress(f"pseudo-{self.kind.short}", b + 1, len(self.obj.weights))
+            moments.add(self.obj.weights[b], cb.cpu().numpy())
         moments = moments.summed(ranks.all_sum_array)
         cbar, stderr, B = moments.mean, moments.stderr, moments.count
         gbar = part.group_sums([g * g for g in u64], torch.zeros(part.size, dtype=torch.float64,

@@ -37,6 +37,7 @@ from curvscope.curvature.registry import curvature_operator
 from curvscope.errors import CurvscopeError
 from curvscope.measures.density import DEFAULT_WIDTH, gaussian_density
 from curvscope.results import BlockSpectrum, DensityResult, EigenResult, SpectrumResult, TraceResult
+from curvscope.sizes import format_bytes
 from curvscope.sources.losses import LossFn
 
 #: SLQ keeps no Lanczos basis: measured on 4000x4000 test spectra and the shipped LeNet-5's Hessian, its density
@@ -62,8 +63,8 @@ BUDGET = "the memory budget (--max-memory, or the operator's max_memory)"
 def _refuse_beyond(held: int, budget: int, what: str, remedy: str, budget_name: str = BUDGET) -> None:
     """Refuse a computation whose float64 vectors (`held` bytes) do not fit the memory budget."""
     if held > budget:
-        raise CurvscopeError(f"{what} need {held / 2**20:.1f} MiB of float64 vectors and {budget_name} allows "
-                             f"{budget / 2**20:.1f} MiB: {remedy}.")
+        raise CurvscopeError(f"{what} need {format_bytes(held)} of float64 vectors and {budget_name} allows "
+                             f"{format_bytes(budget)}: {remedy}.")
 
 
 def _basis_within(n: int, k: int, budget: int) -> int:
@@ -240,6 +241,19 @@ def _is_tensor(hp: CurvatureOperator, name: str, indices: list[int]) -> bool:
     return len(indices) == 1 and name == hp.names[indices[0]]
 
 
+def spectrum_memory(n: int, k: int, slq_steps: int, trace_matvecs: int, budget: int) -> tuple[int, int]:
+    """The Lanczos basis :func:`spectrum` uses for an operator of n entries, and the bytes of float64 vectors it
+    holds at most: the largest of Lanczos's (:func:`~curvscope.curvature.lanczos.lanczos_memory`), SLQ's and
+    Hutch++'s. Refused, before any product, when they do not fit `budget` bytes (--max-memory)."""
+    basis = fitted_basis(n, k, budget)
+    held = max(lanczos_memory(n, k, basis), slq_memory(n, slq_steps, SLQ_REORTHOGONALISE),
+               hutchpp_memory(n, trace_matvecs))
+    _refuse_beyond(held, budget, f"the spectra of an operator of {n} entries (Lanczos with {basis}, and "
+                                 f"Hutch++'s sketch of --trace-matvecs {trace_matvecs})",
+                   "raise --max-memory, lower --top-k or --trace-matvecs, or use --no-spectrum", "--max-memory")
+    return basis, held
+
+
 def spectrum(hp: CurvatureOperator, *, k: int = 5, tol: float = DEFAULT_TOL, max_steps: int = DEFAULT_STEPS,
              slq_runs: int = 1, slq_steps: int = DEFAULT_STEPS, trace_matvecs: int = DEFAULT_TRACE_MATVECS,
              seed: int = 0, blocks: str | bool = "layer", max_memory: int | None = None,
@@ -272,13 +286,8 @@ def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_run
     total, done = 4 + len(wanted), 0
     whole = _reported(hp.operator(None), lambda: progress(stage, done, total))
     budget = hp.max_memory if max_memory is None else max_memory
-    basis = fitted_basis(whole.dim, k, budget)
-    held = max(lanczos_memory(whole.dim, k, basis), slq_memory(whole.dim, slq_steps, SLQ_REORTHOGONALISE),
-               hutchpp_memory(whole.dim, trace_matvecs))
-    _refuse_beyond(held, budget, f"the spectra of an operator of {whole.dim} entries (Lanczos with {basis}, and "
-                                 f"Hutch++'s sketch of --trace-matvecs {trace_matvecs})",
-                   "raise --max-memory, lower --top-k or --trace-matvecs, or use --no-spectrum", "--max-memory")
-    stage = f"spectrum (vectors: {held / 2**20:.0f} MiB, Lanczos basis {basis})"
+    basis, held = spectrum_memory(whole.dim, k, slq_steps, trace_matvecs, budget)
+    stage = f"spectrum (vectors: {format_bytes(held)}, Lanczos basis {basis})"
 
     def step() -> None:
         nonlocal done

@@ -13,6 +13,10 @@ whole matrix before the blocks are cut out; ``layers``, one L x L panel per
 matrix: the root mean square of N(M) over the block of each pair of layers,
 ‖N(M)_ll'‖_F / sqrt(n_l n_l') (n_l: the groups of layer l), from 0 (white) up.
 
+Every panel of a figure draws its cells square and of one size, each panel as
+wide as its columns: a weight-bias block with more weights than biases (a
+ResNet's batch-norm scales count as weights) is as tall as the weight-weight
+block and as wide as the bias-bias block, not squeezed into a square slot.
 With many groups (S = 30 … 300) the figure stays within MAX_INCHES (its PNG
 within 4000 pixels), tick labels are thinned to what fits (every k-th, layer
 boundaries first) and the name prefix all labels share is named once in the title.
@@ -53,6 +57,10 @@ LAYERS_DEFINITION = (r"layers: RMS of N(M) over each pair of layers' block, "
                      r"$\Vert N(M)_{ll^{\prime}}\Vert_F\,/\,\sqrt{n_l\, n_{l^{\prime}}}$")
 FEW = 40  # up to this many rows a panel has every label and white lines between the cells
 RASTERIZE_CELLS = 10_000  # larger meshes (over 100 x 100) go into the PDF as an image at its DPI, the rest as vectors
+CELL_INCHES = 0.42  # a cell's side, at most
+PANEL_WIDTH = 1.9  # inches a panel takes beside its cells: row labels, colour bar and margins
+PANEL_HEIGHT = 1.3  # inches a panel takes above and below its cells: title and column labels
+SMALLEST_PANEL = 3.2  # inches: a panel of few cells has larger cells rather than a smaller panel
 
 
 @dataclass(frozen=True)
@@ -135,12 +143,14 @@ def _norm(values: np.ndarray, scale: str, vmax: float | None = None) -> Normaliz
 
 def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] | None,
                  cols: list[str] | None, gridlines: float = 0.0, fmt: str = "%.2g", *,
-                 max_labels: int | None = None, anchors: Sequence[int] = (), cmap: str = CMAP) -> None:
+                 max_labels: int | None = None, anchors: Sequence[int] = (), cmap: str = CMAP,
+                 max_col_labels: int | None = None, bar_shrink: float = 0.8) -> None:
     """`values` as square cells, row 0 at the top, with a colour bar beside `ax`.
 
     Non-finite entries are left undrawn and show the grey face of the axes. `rows`/`cols` label the
-    cell centres (None: no tick labels), at most `max_labels` of each (every k-th, the `anchors` first:
-    see :func:`~curvscope.figures.titles.thinned`); `gridlines` is the width of the white lines between cells.
+    cell centres (None: no tick labels), at most `max_labels` rows and `max_col_labels` (default: `max_labels`)
+    columns (every k-th, the `anchors` first: see :func:`~curvscope.figures.titles.thinned`); `gridlines` is the
+    width of the white lines between cells; the colour bar is `bar_shrink` times as tall as the axes' slot.
     """
     nrows, ncols = values.shape
     mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=cmap, norm=norm, edgecolors="white",
@@ -151,23 +161,32 @@ def draw_heatmap(ax: Axes, values: np.ndarray, norm: Normalize, rows: list[str] 
     ax.set_facecolor("#bbbbbb")  # NaN entries (no scale-free value) show grey
     for spine in ax.spines.values():
         spine.set_visible(False)
-    for labels, n, set_ticks in ((cols, ncols, ax.set_xticks), (rows, nrows, ax.set_yticks)):
-        shown = [] if labels is None else thinned(n, max_labels or n, anchors)
+    col_cap = max_labels if max_col_labels is None else max_col_labels
+    for labels, n, cap, set_ticks in ((cols, ncols, col_cap, ax.set_xticks), (rows, nrows, max_labels, ax.set_yticks)):
+        shown = [] if labels is None else thinned(n, cap or n, anchors)
         set_ticks(np.asarray(shown) + 0.5, [labels[i] for i in shown] if labels is not None else [])
     ax.tick_params(axis="x", labelrotation=90)
     ax.tick_params(axis="y", labelrotation=0)
     fig = ax.get_figure()
     assert fig is not None  # the axes belong to a figure
-    bar = fig.colorbar(mesh, ax=ax, shrink=0.8, format=fmt)
+    bar = fig.colorbar(mesh, ax=ax, shrink=bar_shrink, format=fmt)
     bar.outline.set_linewidth(0)
 
 
-def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None, max_labels: int | None = None) -> None:
-    many = max(len(panel.rows), len(panel.cols)) > FEW
+def _draw(ax: Axes, panel: Panel, scale: str, vmax: float | None = None, cell: float | None = None,
+          height: int | None = None, many: bool | None = None) -> None:
+    """`panel` in `ax`, its tick labels thinned to those that fit along cells of `cell` inches; in a row of panels
+    `height` cells tall, a shorter panel's colour bar as short as its cells. `many` (default: the panel has over FEW
+    rows or columns) draws smaller labels and no lines between cells, as every panel of a figure should."""
+    many = max(len(panel.rows), len(panel.cols)) > FEW if many is None else many
     size = 7 if many else 8
+    fit = (None, None) if cell is None else (labels_that_fit(cell * len(panel.rows), 7),
+                                             labels_that_fit(cell * len(panel.cols), 7))
     draw_heatmap(ax, panel.values, _norm(panel.values, scale, vmax), panel.rows, panel.cols,
                  gridlines=0.0 if many else 0.5, fmt="%.2g" if scale in ("normalized", "layers") else "%.1e",
-                 max_labels=max_labels, anchors=panel.anchors, cmap=LAYERS_CMAP if scale == "layers" else CMAP)
+                 max_labels=fit[0], max_col_labels=fit[1], anchors=panel.anchors,
+                 cmap=LAYERS_CMAP if scale == "layers" else CMAP,
+                 bar_shrink=0.8 * min(1.0, len(panel.rows) / height) if height else 0.8)
     ax.tick_params(labelsize=size)
     colorbar = ax.collections[0].colorbar
     assert colorbar is not None  # draw_heatmap added one
@@ -214,19 +233,26 @@ def heatmap_figure(stored: StoredCheckpoint | Sequence[StoredCheckpoint], scale:
               for r in range(2) for c in range(npanels)} if shared_scale else {}
     ncols = npanels * len(checkpoints)
     nrows = 2
+    widths = [len(p.cols) for _ in checkpoints for p in rows[0][0][1]]  # each column of panels, in cells
     if ncols == 1:  # one panel per matrix (layers scale, or a partition that does not split weights from biases)
-        nrows, ncols = 1, 2  # C̄ beside C̄⁻¹
-    size = max(3.2, min(0.42 * max(len(p.rows) for p in rows[0][0][1]) + 1.6,  # 0.42 in a row, within MAX_INCHES
-                        (MAX_INCHES - 0.8) / ncols, (MAX_INCHES - 0.3) / nrows))
-    fit = labels_that_fit(0.7 * size, 7)  # the heatmap itself takes about 70 % of its panel's width
-    fig = Figure(figsize=(size * ncols + 0.8, nrows * size + 0.3), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+        nrows, ncols, widths = 1, 2, widths * 2  # C̄ beside C̄⁻¹
+    height = max(len(p.rows) for p in rows[0][0][1])  # the tallest panel, in cells
+    many = max(height, *widths) > FEW  # every panel with the same label size and cell lines
+    # one cell size for every panel, so that cells are square and each panel is as wide as its columns:
+    # CELL_INCHES at most, within MAX_INCHES (its PNG within MAX_PIXELS), the largest panel SMALLEST_PANEL at least
+    fits = min((MAX_INCHES - 0.8 - PANEL_WIDTH * ncols) / sum(widths),
+               (MAX_INCHES - 0.6 - PANEL_HEIGHT * nrows) / (nrows * height))
+    want = max(CELL_INCHES, (SMALLEST_PANEL - 1.6) / max(max(widths), height))
+    cell = max(min(want, fits), 0.01)  # (many checkpoints side by side may not fit: their PNG has a lower DPI)
+    fig = Figure(figsize=(cell * sum(widths) + PANEL_WIDTH * ncols + 0.8,
+                          nrows * (cell * height + PANEL_HEIGHT) + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw={"width_ratios": widths})
     names = trajectory_labels(checkpoints)
     for k, (ck_name, ck_rows) in enumerate(zip(names, rows)):
         for r, (name, panels) in enumerate(ck_rows):
             for c, panel in enumerate(panels):
                 ax = axes[0, r] if nrows == 1 else axes[r, k * npanels + c]
-                _draw(ax, panel, scale, limits.get((r, c)), fit)
+                _draw(ax, panel, scale, limits.get((r, c)), cell, height, many)
                 label = f"{ck_name}\n" if len(checkpoints) > 1 and r == 0 else ""
                 ax.set_title(f"{label}{name}: {panel.title}", fontsize=10)
     shared = ", colour limits shared across checkpoints" if shared_scale and len(checkpoints) > 1 else ""

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
+from curvscope.store.atomic import create_temporary
 
 FORMATS = ("pdf", "png")
 DPI = 200
@@ -29,6 +29,8 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
     and the PNG's Description metadata. The PNG is at most MAX_PIXELS wide and high (:func:`png_dpi`).
     The files are drawn by matplotlib's own PDF and PNG canvases,
     whatever backend the calling program uses; pyplot is not involved.
+    Each file gets mode 0666 less the umask, as results files do (a replaced figure too), so that whoever
+    may read the folder's other new files may read the figures.
     """
     written = []
     try:
@@ -40,8 +42,11 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
         meta = ({"Title": base.name, "Subject": description, "Creator": f"curvscope {__version__}"}
                 if fmt == "pdf" else
                 {"Title": base.name, "Description": description, "Software": f"curvscope {__version__}"})
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".{fmt}")
-        os.close(fd)
+        try:
+            fd, tmp = create_temporary(target.parent, target.name)  # 0666 less the umask, unlike mkstemp's 0600
+            os.close(fd)
+        except OSError as exc:
+            raise CurvscopeError(f"cannot write the figure {str(target)!r}: {exc.strerror or exc}.") from None
         try:
             fig.savefig(tmp, format=fmt, dpi=png_dpi(fig) if fmt == "png" else DPI, bbox_inches="tight",
                         pad_inches=PAD, metadata=meta)
@@ -49,6 +54,6 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
         except OSError as exc:
             raise CurvscopeError(f"cannot write the figure {str(target)!r}: {exc.strerror or exc}.") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         written.append(target)
     return written

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from curvscope.figures.interactions import symlog_bars
 from curvscope.figures.output import MAX_INCHES
 from curvscope.figures.titles import (
     common_prefix,
@@ -71,55 +73,145 @@ def _top(stored: StoredCheckpoint, group: str) -> tuple[np.ndarray, np.ndarray] 
     return np.asarray(values), np.asarray(stored[f"spectrum/blocks/{group}/top/converged"], dtype=bool)
 
 
-def blocks_figure(stored: StoredCheckpoint) -> Figure:
-    """Top-k eigenvalues (hollow: not converged; where computed) and traces (± 1 stderr) of every diagonal block C_BB.
+TRACE_COLOURS = {"positive": "#2166ac", "negative": "#d6604d"}  # as the cubic figure's signed bars
+EIGEN_COLOUR = "#b2182b"
+PANEL_INCHES = 2.1  # a panel's y label, ticks and margins
+BLOCK_INCHES = 0.45  # a block's column, at most
 
-    Every block has a trace; its eigenvalues may be absent (`--block-spectra layer` computes them for layers only,
-    `off` for none), so a block's column may be empty above its trace, and a kind without any says so.
+
+def _trace_axis(ax: Axes, tr: np.ndarray, se: np.ndarray) -> str:
+    """Scale `ax` for traces `tr` ± `se`: "log" when every trace is positive beyond its error and they span over a
+    decade; "symlog" (linear near 0, with 0 shown) when they span decades but some are negative or within an error
+    of 0; "linear" from 0 otherwise. The traces are points, so no scale makes a length of an arbitrary floor."""
+    ok = np.isfinite(tr) & np.isfinite(se)
+    if not ok.any():
+        return "linear"
+    t, e = tr[ok], np.abs(se[ok])
+    nonzero = np.abs(t[t != 0])
+    wide = nonzero.size > 0 and nonzero.max() > 10 * nonzero.min()
+    if wide and np.all(t - e > 0):
+        ax.set_yscale("log")
+        return "log"
+    ends = np.concatenate([t - e, t + e])
+    if wide and nonzero.max() > 100 * nonzero.min():
+        # linear up to the power of ten below the smallest |trace|, so that every point lies on the logarithmic
+        # part (15 decades at most)
+        linthresh = 10.0 ** np.floor(np.log10(max(nonzero.min(), 1e-15 * nonzero.max())))
+        symlog_bars(ax, t, float(linthresh), also=tuple(ends))
+        ax.axhline(0, color="black", lw=0.6, zorder=1)
+        return "symlog"
+    low, high = min(0.0, float(ends.min())), max(0.0, float(ends.max()))
+    margin = 0.06 * (high - low) or 1.0
+    ax.set_ylim(low - (margin if low < 0 else 0.0), high + (margin if high > 0 else 0.0))
+    ax.axhline(0, color="black", lw=0.6, zorder=1)
+    return "linear"
+
+
+def _draw_traces(ax: Axes, tr: np.ndarray, se: np.ndarray) -> None:
+    """Each block's trace as a point with its ± 1 s.e. bar, coloured by sign, on the scale of :func:`_trace_axis`."""
+    x = np.arange(len(tr))
+    scale = _trace_axis(ax, tr, se)
+    for sign, where in (("positive", tr >= 0), ("negative", tr < 0)):
+        if not where.any():
+            continue
+        ax.errorbar(x[where], tr[where], yerr=np.abs(se[where]), fmt="o", ms=5, color=TRACE_COLOURS[sign],
+                    ecolor="black", elinewidth=1, capsize=3, zorder=3, gid="trace",
+                    label=f"{sign} trace" if (tr < 0).any() else None)
+    if (tr < 0).any():
+        ax.legend(fontsize=7, loc="best")
+    if scale == "log":
+        ax.set_ylim(*_padded_log_limits(tr - np.abs(se), tr + np.abs(se)))
+
+
+def _padded_log_limits(low: np.ndarray, high: np.ndarray) -> tuple[float, float]:
+    ok = np.isfinite(low) & np.isfinite(high) & (low > 0)
+    lo, hi = float(low[ok].min()), float(high[ok].max())
+    pad = 0.06 * (np.log10(hi) - np.log10(lo))
+    return 10 ** (np.log10(lo) - pad), 10 ** (np.log10(hi) + pad)
+
+
+def _draw_tops(ax: Axes, stored: StoredCheckpoint, groups: list[str]) -> None:
+    """The top eigenvalues of each of `groups` (hollow: not converged; a column left empty where not stored)."""
+    tops = {g: t for g in groups if (t := _top(stored, g)) is not None}
+    for i, g in enumerate(groups):
+        if g not in tops:
+            continue
+        vals, conv = tops[g]
+        ax.scatter(np.full(len(vals), i)[conv], vals[conv], color=EIGEN_COLOUR, s=22, zorder=3)
+        ax.scatter(np.full(len(vals), i)[~conv], vals[~conv], facecolor="none", edgecolor=EIGEN_COLOUR, s=22,
+                   zorder=3)
+    every = np.concatenate([v for v, _ in tops.values()])
+    every = every[np.isfinite(every)]
+    if every.size and np.all(every > 0):
+        ax.set_yscale("log")
+    elif every.size:
+        ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
+        ax.axhline(0, color="black", lw=0.6, zorder=1)
+
+
+def blocks_figure(stored: StoredCheckpoint) -> Figure:
+    """Top-k eigenvalues (hollow: not converged) and traces (± 1 stderr) of every diagonal block C_BB.
+
+    Every block has a trace; its eigenvalues may be absent (`--block-spectra layer`, the default, computes them for
+    layers only, `off` for none). Only panels with data are drawn: with eigenvalues of every kind, eigenvalues above
+    traces, a column per kind (layer, tensor); with those of layers only, layers' eigenvalues beside their traces
+    and the tensors' traces below; with none, the traces side by side. The title says what was not computed.
+    Traces are points with error bars (a block's trace may be negative: C is indefinite), on a log, symmetric log
+    or linear scale (:func:`_trace_axis`), never bars from an arbitrary floor.
     """
     kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
+    groups = {k: _blocks(stored, k) for k in kinds}
+    with_tops = [k for k in kinds if any(_top(stored, g) is not None for g in groups[k])]
     c_bb = f"{matrix_names(stored).symbol}_BB"
-    per_block = min(0.45, (MAX_INCHES - 4.2) / max(1, sum(len(_blocks(stored, k)) for k in kinds)))
-    width = min(MAX_INCHES, 4.2 + per_block * sum(len(_blocks(stored, k)) for k in kinds))
-    fig = Figure(figsize=(width, 6.4), layout="constrained")
-    prefix = common_prefix([g for k in kinds for g in _blocks(stored, k)])
-    axes = fig.subplots(2, len(kinds), squeeze=False)
-    for c, kind in enumerate(kinds):
-        groups = _blocks(stored, kind)
-        x = np.arange(len(groups))
-        ax = axes[0, c]
-        tops = {g: t for g in groups if (t := _top(stored, g)) is not None}
-        for i, g in enumerate(groups):
-            if g not in tops:
-                continue
-            vals, conv = tops[g]
-            ax.scatter(np.full(len(vals), i)[conv], vals[conv], color="#b2182b", s=22, zorder=3)
-            ax.scatter(np.full(len(vals), i)[~conv], vals[~conv], facecolor="none", edgecolor="#b2182b", s=22, zorder=3)
-        ax.set_title(f"top eigenvalues of each {kind} block", fontsize=10)
-        if tops:
-            every = np.concatenate([v for v, _ in tops.values()])
-            if np.all(every > 0):
-                ax.set_yscale("log")
-            else:
-                ax.set_yscale("symlog", linthresh=1e-3 * float(np.max(np.abs(every))) or 1.0)
+    # the rows of panels (kind, eigenvalues or traces), each panel as wide as its blocks, the rows stacked
+    if with_tops == kinds:
+        rows = [[(k, "top") for k in kinds], [(k, "trace") for k in kinds]]
+    elif not with_tops:
+        rows = [[(k, "trace") for k in kinds]]
+    else:
+        rows = [[(k, "top"), (k, "trace")] if k in with_tops else [(k, "trace")] for k in kinds]
+    blocks_in = [sum(len(groups[k]) for k, _ in row) for row in rows]
+    panels_in = [len(row) for row in rows]
+    widest = max(range(len(rows)), key=lambda r: PANEL_INCHES * panels_in[r] + BLOCK_INCHES * blocks_in[r])
+    per_block = min(BLOCK_INCHES, (MAX_INCHES - PANEL_INCHES * panels_in[widest]) / max(1, blocks_in[widest]))
+    width = max(6.4, min(MAX_INCHES, PANEL_INCHES * panels_in[widest] + per_block * blocks_in[widest]))
+    fig = Figure(figsize=(width, 1.0 + 2.7 * len(rows)), layout="constrained")
+    prefix = common_prefix([g for k in kinds for g in groups[k]])
+    if with_tops == kinds:  # a column per kind, as wide as its blocks: eigenvalues above traces
+        grid = fig.add_gridspec(2, len(kinds), width_ratios=[len(groups[k]) for k in kinds])
+        spots = {(k, what): grid[r, c] for r, what in enumerate(("top", "trace")) for c, k in enumerate(kinds)}
+    else:  # a row per kind (or one row of traces), its panels side by side
+        ratios = [len(groups[k]) for k, _ in rows[0]] if len(rows) == 1 else [1] * max(panels_in)
+        grid = fig.add_gridspec(len(rows), len(ratios), width_ratios=ratios)
+        spots = {panel: (grid[r, c] if len(row) == len(ratios) else grid[r, :]) for r, row in enumerate(rows)
+                 for c, panel in enumerate(row)}
+    axes: dict[tuple[str, str], Axes] = {}
+    for what in ("top", "trace"):  # the eigenvalue panels first in fig.axes, then the traces
+        for k in kinds:
+            if (k, what) in spots:
+                axes[k, what] = fig.add_subplot(spots[k, what])
+    for (kind, what), ax in axes.items():
+        names = strip_prefix(groups[kind], prefix)
+        x = np.arange(len(names))
+        if what == "top":
+            _draw_tops(ax, stored, groups[kind])
+            ax.set_title(f"top eigenvalues of each {kind} block", fontsize=10)
             ax.set_ylabel(f"eigenvalue of {c_bb}")
         else:
-            ax.text(0.5, 0.5, f"not computed\n(--block-spectra {kind} computes them)", transform=ax.transAxes,
-                    ha="center", va="center", fontsize=9, color="0.35")
-            ax.set_yticks([])
-        ax.set_xlim(-0.6, len(groups) - 0.4)
-        tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups])
-        se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups])
-        axes[1, c].bar(x, tr, yerr=se, color="#4393c3", ecolor="black", capsize=3)
-        axes[1, c].set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
-        axes[1, c].set_ylabel(f"tr({c_bb})")
-        if np.all(tr - se > 0):
-            axes[1, c].set_yscale("log")
-        shown = thinned(len(groups), labels_that_fit(per_block * len(groups), 8))
-        names = strip_prefix(groups, prefix)
-        for ax in axes[:, c]:
-            ax.set_xticks(x[shown], [names[i] for i in shown], rotation=90, fontsize=8)
-            ax.grid(axis="y", alpha=0.3)
-    note = prefix_note(prefix)
-    fig.suptitle(figure_title(stored, "diagonal blocks") + (f"\n{note}" if note else ""), fontsize=10)
+            tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups[kind]])
+            se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups[kind]])
+            _draw_traces(ax, tr, se)
+            ax.set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
+            ax.set_ylabel(f"tr({c_bb})")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        shown = thinned(len(names), labels_that_fit(per_block * len(names), 8))
+        below = what == "top" and (kind, "trace") in axes and with_tops == kinds  # the traces below name them
+        ax.set_xticks(x[shown], [] if below else [names[i] for i in shown], rotation=90, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    missing = [k for k in kinds if k not in with_tops]
+    notes = [prefix_note(prefix)]
+    if missing:
+        notes.insert(0, f"top eigenvalues of {missing[0]} blocks not computed (--block-spectra tensor computes them)"
+                     if with_tops else "top eigenvalues not computed (--block-spectra layer or tensor computes them)")
+    fig.suptitle(figure_title(stored, "diagonal blocks") + "".join(f"\n{n}" for n in notes if n), fontsize=10)
     return fig

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _is_pickle(path: Path) -> bool:
-    """Whether `path` is a torch.save zip archive or a raw pickle (protocol 2 or later)."""
+    """Whether `path` starts as a torch.save zip archive or a raw pickle (protocol 2 or later) does; the rest
+    may still be damaged."""
     with path.open("rb") as fh:
-        head = fh.read(1)
-    return zipfile.is_zipfile(path) or head == b"\x80"
+        head = fh.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _read(path: Path, trust: bool = False) -> Any:
@@ -81,6 +81,9 @@ def _read(path: Path, trust: bool = False) -> Any:
         raise CurvscopeError(f"checkpoint {str(path)!r} is not a file.")
     if path.stat().st_size == 0:
         raise CurvscopeError(f"checkpoint {str(path)!r} is empty (0 bytes).")
+    if not _is_pickle(path):
+        raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint (torch.save file): it is neither a zip "
+                             f"archive nor a pickle.")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
@@ -102,10 +105,9 @@ def _read(path: Path, trust: bool = False) -> Any:
         raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint (torch.save file) that curvscope can "
                              f"read safely: it is neither a zip archive nor a pickle of tensors.") from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails on damaged files in many ways (KeyError, ...)
-        raise CurvscopeError(
-            f"{str(path)!r} is not a readable PyTorch checkpoint (truncated or not a torch.save "
-            f"file): {summary(exc)}."
-        ) from None
+        cause = summary(exc).split(". ")[0].rstrip(".")  # torch's zip reader appends paragraphs of advice
+        raise CurvscopeError(f"{str(path)!r} is not a readable PyTorch checkpoint (damaged or truncated): "
+                             f"{cause}.") from None
 
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")

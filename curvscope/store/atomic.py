@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 
-def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
+def create_temporary(folder: Path, name: str) -> tuple[int, Path]:
     """A new, empty, exclusively created hidden file in `folder` (mode 0666 less the umask)."""
     while True:
         tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
@@ -49,7 +49,7 @@ def replace_file(path: Path, data: bytes) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         mode = None
-    fd, tmp = _create_temporary(path.parent, path.name)
+    fd, tmp = create_temporary(path.parent, path.name)
     try:
         try:
             _write_all(fd, data)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from curvscope.results import EigenResult, KFACResult, Order3Result, SpectrumResult, TraceResult
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "ResultsFile", "StoredCheckpoint", "check_label", "check_writable", "describe",
-           "model_notes", "open_results", "read_results", "record_warnings", "stored_labels", "write_records"]
+           "model_notes", "open_results", "read_results", "record_warnings", "stored_labels",
+           "stored_parts", "write_records"]
 
 STR = h5py.string_dtype()
 
@@ -77,6 +78,20 @@ def stored_labels(path: Path) -> list[str]:
     if not path.exists():
         return []
     return [ck.label for ck in read_results(path)]
+
+
+#: Optional parts of a stored record, by the prefix of their datasets, with the analyse option that makes them.
+OPTIONAL_PARTS = {"spectra": ("spectrum/", "--spectrum"), "order-3 results": ("order3/", "--order3"),
+                  "K-FAC": ("interactions/kfac/", "--kfac auto or mc")}
+
+
+def stored_parts(path: Path) -> dict[str, set[str]]:
+    """For each label already in `path`, which of :data:`OPTIONAL_PARTS` its record holds."""
+    if not path.exists():
+        return {}
+    return {ck.label: {part for part, (prefix, _) in OPTIONAL_PARTS.items() if any(k.startswith(prefix)
+                                                                                   for k in ck.data)}
+            for ck in read_results(path)}
 
 
 def _probe_folder(path: Path) -> None:
@@ -311,12 +326,14 @@ def describe(path: Path) -> str:
 def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     """The lines of `describe` for one checkpoint."""
     a = ck.attrs
+    threads = f" ({a['threads']} thread{'s' if a['threads'] != 1 else ''})" if "threads" in a else ""
     lines = [(f"\n[{ck.label}] {a.get('model')} on {a.get('dataset')} ({a.get('split')}), epoch {a.get('epoch')}, "
               f"N={a.get('n_samples')} in batches of {a.get('batch_size')}, "
               f"loss {a.get('loss')} = {a.get('loss_value', float('nan')):.6g}"),
              f"  source {a.get('source')} (sha256 {str(a.get('sha256'))[:12]}…)",
              (f"  {a.get('curvature')} curvature, {a.get('partition')} partition, {a.get('dtype')} on "
-              f"{a.get('device')}, {a.get('elapsed_s', 0):.2f} s, created {a.get('created')}"),
+              f"{a.get('device')}{threads}, "
+              f"{a.get('elapsed_s', 0):.2f} s, created {a.get('created')}"),
              _pseudo_hessian_line(ck)]
     excluded = ck.data_attrs["pseudo_hessian_inverse"]["excluded"]
     if len(excluded):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -343,6 +344,12 @@ def _checkpoints(fh: h5py.File, limit: int) -> list[StoredCheckpoint]:
         attrs = tree.attrs.pop("")
         out.append(StoredCheckpoint(label, attrs, tree.data, tree.attrs))
     return out
+
+
+def holds_hdf5(path: Path) -> bool:
+    """Whether the file at `path` carries HDF5's signature in its first 64 KiB, where HDF5 looks for it."""
+    with path.open("rb") as fh:
+        return looks_like_hdf5(fh.read(1 << 16))
 
 
 def looks_like_hdf5(data: bytes) -> bool:

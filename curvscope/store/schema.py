@@ -216,7 +216,8 @@ CHECKPOINT = Group(
             # (eval | batch, "" without BatchNorm) with its warning and note, the groups that make C̄ singular
             "outputs", "tied", "batchnorm", "batchnorm_warning", "batchnorm_note", "collinear")},
         "curvature": Attr(STR, required=False, choices=tuple(KINDS)),  # absent in older files: the Hessian
-        **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed")},
+        **{name: Attr(INT, required=False) for name in ("n_samples", "batch_size", "n_batches", "epoch", "seed",
+                                                         "threads")},
         **{name: Attr(FLOAT, required=False) for name in ("loss_value", "gradient_s", "pseudo_s", "elapsed_s")},
     },
     members={
