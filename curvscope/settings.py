@@ -36,7 +36,8 @@ def setting(default: Any, help: str, type: str = "text", *, low: float = 0, high
     "json" (a mapping, given as JSON on the command line), "memory" (a count of bytes, given as 2G, 512M),
     "flag" (an on switch) or "toggle" (a --name/--no-name switch). `flag` overrides the option's name.
     `requires` = (field, values): the setting does something only when that field takes one of `values` (one of
-    them among its values, for a repeatable field); see :meth:`AnalysisOptions.refuse_ignored`.
+    them among its values, for a repeatable field), unless its own value is "off", which asks for nothing; see
+    :meth:`AnalysisOptions.refuse_ignored`.
     """
     meta = {"help": help, "type": type, "low": low, "high": high, "open_low": open_low, "choices": choices,
             "flag": flag, "requires": requires}
@@ -145,7 +146,7 @@ class AnalysisOptions:
         by_name = {f.name: f for f in fields(self)}
         for name in given:
             requires = by_name[name].metadata["requires"]
-            if requires is None:
+            if requires is None or getattr(self, name) == "off":  # turning off what is not done is harmless
                 continue
             other, values = requires
             value = getattr(self, other)
