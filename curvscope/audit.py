@@ -189,10 +189,10 @@ def format_report(report: dict) -> str:
             of += " " * (8 - sum(not unicodedata.combining(ch) for ch in of))  # a combining bar takes no column
             name = (f"K-FAC {r['flavour'] or ''}".strip() if r["approximation"] == KFAC
                     else r["approximation"] + " blocks")
+            why = r["rule"] if r["verdict"] == UNDEFINED else f"rule: {r['rule']}"
             lines.append(f"  {name:14s} {of} {rr[0]:>9s} {rr[1]:>9s} {rr[2]:>9s} "
                          f"{rr[3]:>9s} {_fmt(r['efficiency'], '.3f'):>9s} {_fmt(r['predicted_decrease']):>10s} "
-                         f"{_fmt(r['actual_decrease']):>10s}  {verdict} ({'' if r['verdict'] == UNDEFINED else 'rule: '}"
-                         f"{r['rule']})")
+                         f"{_fmt(r['actual_decrease']):>10s}  {verdict} ({why})")
         lines += [f"  K-FAC ({r['flavour']}, {r['kfac_approximation']}): efficiency {r['efficiency']:.3f} = 1 − "
                   f"{r['lost_to_blocks']:.3f} lost to the layer blocks − {r['lost_to_kronecker']:.3f} lost to the "
                   f"Kronecker factors" for r in c["approximations"]
