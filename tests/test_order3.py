@@ -246,6 +246,12 @@ def test_analyse_with_order3_stores_reports_and_draws(tmp_path: Path) -> None:
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "order-3 diagonal D" in info.output and "cubic step (λ_int=2)" in info.output
     assert (tmp_path / "r" / "tiny_ep03-cubic.pdf").read_bytes()[:5] == b"%PDF-"
+    from curvscope.figures.cubic import cubic_figure
+    from curvscope.store.hdf5 import read_results
+
+    d_panel = cubic_figure(read_results(out)[0]).axes[1]  # D as points with error bars, not bars from a floor
+    assert not d_panel.patches and sum(len(line.get_xdata()) for line in d_panel.lines
+                                       if line.get_marker() == "o") == 4
     with h5py.File(out, "a") as fh:  # a tampered choice is refused like any other
         del fh["checkpoints/tiny_ep03/order3/cubic/start"]
         fh["checkpoints/tiny_ep03/order3/cubic/start"] = np.array([b"guess"] * len(lams), dtype=object)

@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 
 from curvscope.figures.heatmaps import layer_starts
 from curvscope.figures.kfac import group_ticks
+from curvscope.figures.points import signed_points
 from curvscope.figures.titles import common_prefix, figure_title, prefix_note, strip_prefix
 from curvscope.store.hdf5 import StoredCheckpoint
 
@@ -55,13 +56,7 @@ def cubic_figure(stored: StoredCheckpoint) -> Figure:
     d, err = stored["order3/diagonal"], stored["order3/stderr"]
     names = [str(n) for n in stored["partition/name"]]
     prefix = common_prefix(names)
-    x = np.arange(len(d))
-    ax2.bar(x, d, yerr=np.nan_to_num(err), color=np.where(d >= 0, "#4393c3", "#d6604d"), ecolor="#333333",
-            capsize=2 if len(d) <= 40 else 0)
-    ax2.axhline(0, color="black", lw=0.6)
-    nonzero = np.abs(d[d != 0])
-    if nonzero.size and nonzero.max() > 100 * nonzero.min():
-        ax2.set_yscale("symlog", linthresh=float(nonzero.min()))
+    signed_points(ax2, np.asarray(d, dtype=float), np.asarray(err, dtype=float), "D_s")
     group_ticks(ax2, strip_prefix(names, prefix), layer_starts(stored["partition/layer"]))
     ax2.set_ylabel("D_s = ∂³L/∂η_s³ (± 1 standard error)")
     note = prefix_note(prefix)

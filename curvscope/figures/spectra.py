@@ -5,8 +5,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from curvscope.figures.interactions import symlog_bars
 from curvscope.figures.output import MAX_INCHES
+from curvscope.figures.points import signed_points
 from curvscope.figures.titles import (
     common_prefix,
     figure_title,
@@ -73,61 +73,9 @@ def _top(stored: StoredCheckpoint, group: str) -> tuple[np.ndarray, np.ndarray] 
     return np.asarray(values), np.asarray(stored[f"spectrum/blocks/{group}/top/converged"], dtype=bool)
 
 
-TRACE_COLOURS = {"positive": "#2166ac", "negative": "#d6604d"}  # as the cubic figure's signed bars
 EIGEN_COLOUR = "#b2182b"
 PANEL_INCHES = 2.1  # a panel's y label, ticks and margins
 BLOCK_INCHES = 0.45  # a block's column, at most
-
-
-def _trace_axis(ax: Axes, tr: np.ndarray, se: np.ndarray) -> str:
-    """Scale `ax` for traces `tr` ± `se`: "log" when every trace is positive beyond its error and they span over a
-    decade; "symlog" (linear near 0, with 0 shown) when they span decades but some are negative or within an error
-    of 0; "linear" from 0 otherwise. The traces are points, so no scale makes a length of an arbitrary floor."""
-    ok = np.isfinite(tr) & np.isfinite(se)
-    if not ok.any():
-        return "linear"
-    t, e = tr[ok], np.abs(se[ok])
-    nonzero = np.abs(t[t != 0])
-    wide = nonzero.size > 0 and nonzero.max() > 10 * nonzero.min()
-    if wide and np.all(t - e > 0):
-        ax.set_yscale("log")
-        return "log"
-    ends = np.concatenate([t - e, t + e])
-    if wide and nonzero.max() > 100 * nonzero.min():
-        # linear up to the power of ten below the smallest |trace|, so that every point lies on the logarithmic
-        # part (15 decades at most)
-        linthresh = 10.0 ** np.floor(np.log10(max(nonzero.min(), 1e-15 * nonzero.max())))
-        symlog_bars(ax, t, float(linthresh), also=tuple(ends))
-        ax.axhline(0, color="black", lw=0.6, zorder=1)
-        return "symlog"
-    low, high = min(0.0, float(ends.min())), max(0.0, float(ends.max()))
-    margin = 0.06 * (high - low) or 1.0
-    ax.set_ylim(low - (margin if low < 0 else 0.0), high + (margin if high > 0 else 0.0))
-    ax.axhline(0, color="black", lw=0.6, zorder=1)
-    return "linear"
-
-
-def _draw_traces(ax: Axes, tr: np.ndarray, se: np.ndarray) -> None:
-    """Each block's trace as a point with its ± 1 s.e. bar, coloured by sign, on the scale of :func:`_trace_axis`."""
-    x = np.arange(len(tr))
-    scale = _trace_axis(ax, tr, se)
-    for sign, where in (("positive", tr >= 0), ("negative", tr < 0)):
-        if not where.any():
-            continue
-        ax.errorbar(x[where], tr[where], yerr=np.abs(se[where]), fmt="o", ms=5, color=TRACE_COLOURS[sign],
-                    ecolor="black", elinewidth=1, capsize=3, zorder=3, gid="trace",
-                    label=f"{sign} trace" if (tr < 0).any() else None)
-    if (tr < 0).any():
-        ax.legend(fontsize=7, loc="best")
-    if scale == "log":
-        ax.set_ylim(*_padded_log_limits(tr - np.abs(se), tr + np.abs(se)))
-
-
-def _padded_log_limits(low: np.ndarray, high: np.ndarray) -> tuple[float, float]:
-    ok = np.isfinite(low) & np.isfinite(high) & (low > 0)
-    lo, hi = float(low[ok].min()), float(high[ok].max())
-    pad = 0.06 * (np.log10(hi) - np.log10(lo))
-    return 10 ** (np.log10(lo) - pad), 10 ** (np.log10(hi) + pad)
 
 
 def _draw_tops(ax: Axes, stored: StoredCheckpoint, groups: list[str]) -> None:
@@ -157,7 +105,7 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
     traces, a column per kind (layer, tensor); with those of layers only, layers' eigenvalues beside their traces
     and the tensors' traces below; with none, the traces side by side. The title says what was not computed.
     Traces are points with error bars (a block's trace may be negative: C is indefinite), on a log, symmetric log
-    or linear scale (:func:`_trace_axis`), never bars from an arbitrary floor.
+    or linear scale (:func:`~curvscope.figures.points.signed_points`), never bars from an arbitrary floor.
     """
     kinds = [k for k in ("layer", "tensor") if _blocks(stored, k)]
     groups = {k: _blocks(stored, k) for k in kinds}
@@ -200,7 +148,7 @@ def blocks_figure(stored: StoredCheckpoint) -> Figure:
         else:
             tr = np.array([float(stored[f"spectrum/blocks/{g}/trace"]) for g in groups[kind]])
             se = np.array([float(stored[f"spectrum/blocks/{g}/trace_stderr"]) for g in groups[kind]])
-            _draw_traces(ax, tr, se)
+            signed_points(ax, tr, se, "trace")
             ax.set_title(f"trace of each {kind} block (± 1 s.e.)", fontsize=10)
             ax.set_ylabel(f"tr({c_bb})")
         ax.set_xlim(-0.6, len(names) - 0.4)
