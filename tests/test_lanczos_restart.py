@@ -292,3 +292,27 @@ def test_slq_without_reorthogonalisation_shows_ghosts() -> None:
     assert np.sum(np.diff(np.sort(tf)) <= gap) == 0 < np.sum(np.diff(np.sort(tn)) <= gap)
     near = np.abs(tn - 60.0) <= 1e-6
     assert near.sum() > 1 and np.sum(wn[near]) == pytest.approx(np.sum(wf[np.abs(tf - 60.0) <= 1e-6]), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", ["outliers", "repeated"])
+def test_the_bottom_run_deflated_against_the_top_eigenvectors(name: str) -> None:
+    """Kept orthogonal to the top 5 eigenvectors (as spectrum() does), the bottom run finds the bottom 5 of the
+    dense reference to its tolerance, its residuals are the true ‖H x − θ x‖ (coupling to the deflated rows
+    included), and on a Hessian-like spectrum (a few large outliers over a bulk near 0) it takes fewer products."""
+    n, k = 300, 5
+    rng = np.random.default_rng(3)
+    lam = (np.concatenate([[80.0, 60.0, 45.0, 30.0, 20.0], rng.uniform(-0.5, 2.0, n - 5)]) if name == "outliers"
+           else spectrum("repeated", n))
+    op = dense_operator(lam)
+    top = run(op, n, k, True, tol=1e-10, basis=20)
+    assert top.converged.all()
+    plain = run(op, n, k, False, tol=1e-9, basis=20)
+    deflated = run(op, n, k, False, tol=1e-9, basis=20, deflate=top.vectors.clone())
+    np.testing.assert_allclose(deflated.values, np.sort(lam)[:k], atol=1e-9 * np.abs(lam).max())
+    assert deflated.converged.all() and deflated.verified
+    for theta, x, r in zip(deflated.values, deflated.vectors, deflated.residuals):
+        true = float(torch.linalg.vector_norm(op(x) - theta * x))
+        assert true <= r + 1e-12 * np.abs(lam).max()
+    assert float(torch.linalg.matrix_norm(deflated.vectors @ top.vectors.T)) < 1e-8  # the run kept out of them
+    if name == "outliers":
+        assert deflated.steps < plain.steps, (deflated.steps, plain.steps)

@@ -203,3 +203,32 @@ def test_traces_refuse_what_does_not_fit_the_memory_budget() -> None:
         with pytest.raises(CurvscopeError, match="Hutch\\+\\+ trace of 9 products.*raise it, or ask for fewer"):
             trace(op, matvecs=9)
         assert op.count == 0  # refused before any product
+
+
+def test_spectrum_deflates_the_bottom_run_when_the_top_vectors_fit() -> None:
+    """spectrum()'s bottom run is kept orthogonal to the top eigenvectors when their k vectors fit the budget
+    beside its own (deflates); its values agree with the dense reference either way, and under a budget with no
+    room for them it is exactly the plain run (block_eigenvalues)."""
+    from curvscope import curvature_operator
+    from curvscope.curvature.lanczos import default_basis, lanczos_memory
+    from curvscope.curvature.spectrum import deflates, spectrum, spectrum_memory
+
+    case = make_case("cnn")
+    batches = case.batches([5, 7])
+    lam = exact_spectrum(case)
+    n, k = len(lam), 3
+    basis = default_basis(k)
+    tight = lanczos_memory(n, k, basis) + 8 * k * n - 1
+    assert not deflates(n, k, basis, tight) and deflates(n, k, basis, tight + 1)
+    assert spectrum_memory(n, k, 10, 9, tight + 1)[1] == lanczos_memory(n, k, basis) + 8 * k * n
+    results = {}
+    for budget in (tight, tight + 1):
+        with curvature_operator(case.model, case.loss_fn, batches, max_memory=budget) as op:
+            results[budget] = spectrum(op, k=k, tol=1e-10, max_steps=300, slq_steps=10, trace_matvecs=9,
+                                       blocks="off")
+            plain = block_eigenvalues(op.operator(None), k, "smallest", tol=1e-10, max_steps=300, basis=basis)
+        np.testing.assert_allclose(results[budget].bottom.values, lam[:k], rtol=1e-8,
+                                   atol=1e-10 * np.abs(lam).max())
+        assert results[budget].bottom.converged.all()
+    np.testing.assert_array_equal(results[tight].bottom.values, plain.values)
+    assert results[tight].bottom.steps == plain.steps != results[tight + 1].bottom.steps

@@ -333,7 +333,8 @@ class Eigenpairs:
 
 def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: float, max_steps: int,
                        generator: torch.Generator, device: torch.device, verify: bool = True,
-                       basis: int | None = None, max_products: int | None = None) -> Eigenpairs:
+                       basis: int | None = None, max_products: int | None = None,
+                       deflate: torch.Tensor | None = None) -> Eigenpairs:
     """The k largest (or smallest) algebraic eigenpairs of the symmetric operator `matvec`.
 
     Thick-restart Lanczos (:func:`thick_restart`) holding at most `basis`
@@ -353,6 +354,13 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     check repeats. The check is skipped when the first run did not settle (the
     values are then flagged unconverged anyway). Residuals come from each run's
     recorded relation (see the module docstring), reorthogonalisation included.
+
+    `deflate` (orthonormal rows, e.g. the other end's eigenvectors, held besides :func:`lanczos_memory`): the
+    first run stays orthogonal to them. Eigenvectors of the wanted end are orthogonal to the other end's, so
+    nothing is lost, while the spread of eigenvalues the run must resolve shrinks to what the rows leave: the
+    smallest eigenvalues of a Hessian whose top ones are outliers converge in fewer products (LeNet-5's bottom
+    5: 158 products instead of 210). The residuals count the components along the rows (D in the module
+    docstring), so they stay true residuals even where the rows are only approximate eigenvectors.
     """
     sign = 1.0 if largest else -1.0
 
@@ -374,7 +382,7 @@ def extreme_eigenpairs(matvec: MatVec, n: int, k: int, largest: bool, *, tol: fl
     check_basis = _check_basis(n, k, b) if verify and k < n else 0
     buffer = _vectors(max(b, k + check_basis), n, device)  # the first run's basis, then the Ritz vectors + the check's
     first = thick_restart(op, n, want=k, basis=b, products=budget, generator=generator, device=device,
-                          stop=settled(k), rows=buffer)
+                          stop=settled(k), rows=buffer, locked=deflate)
     theta, s, est = first.ritz()
     scale[0] = max(scale[0], float(np.abs(theta).max()))
     order = np.argsort(-theta)[:k]

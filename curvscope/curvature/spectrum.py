@@ -86,6 +86,14 @@ def block_eigenvalues(op: BlockOperator, k: int = 5, which: str = "largest", *, 
                       group: str = "", basis: int | None = None) -> EigenResult:
     """The k largest or smallest eigenvalues of the operator `op` (see :func:`eigenvalues`), by Lanczos restarted
     with at most `basis` vectors (default :func:`~curvscope.curvature.lanczos.default_basis`)."""
+    return _eigenpairs(op, k, which, tol=tol, max_steps=max_steps, seed=seed, verify=verify, group=group,
+                       basis=basis)[0]
+
+
+def _eigenpairs(op: BlockOperator, k: int, which: str, *, tol: float, max_steps: int, seed: int, verify: bool,
+                group: str, basis: int | None, deflate: torch.Tensor | None = None) -> tuple[EigenResult, torch.Tensor]:
+    """:func:`block_eigenvalues`, with the eigenvectors (k rows, a view of the run's buffer); the first run kept
+    orthogonal to the rows of `deflate` (see :func:`~curvscope.curvature.lanczos.extreme_eigenpairs`)."""
     if which not in ("largest", "smallest"):
         raise CurvscopeError(f"which must be 'largest' or 'smallest', not {which!r}.")
     if k < 1 or max_steps < 1:
@@ -97,9 +105,9 @@ def block_eigenvalues(op: BlockOperator, k: int = 5, which: str = "largest", *, 
                              f"{k + 2} (more memory with --max-memory, or fewer eigenvalues with --top-k).")
     pairs = extreme_eigenpairs(op.matvec, op.dim, k, which == "largest", tol=tol, max_steps=max_steps,
                                generator=_generator(seed, f"{which}:{group}"), device=op.device, verify=verify,
-                               basis=basis)
+                               basis=basis, deflate=deflate)
     return EigenResult(pairs.values, pairs.residuals, pairs.converged, which, group, op.dim, tol, pairs.steps,
-                       pairs.verified, seed)
+                       pairs.verified, seed), pairs.vectors
 
 
 def block_trace(op: BlockOperator, matvecs: int = DEFAULT_TRACE_MATVECS, *, seed: int = 0,
@@ -241,13 +249,21 @@ def _is_tensor(hp: CurvatureOperator, name: str, indices: list[int]) -> bool:
     return len(indices) == 1 and name == hp.names[indices[0]]
 
 
+def deflates(n: int, k: int, basis: int, budget: int) -> bool:
+    """Whether :func:`spectrum`'s bottom run keeps the k top eigenvectors out of its Krylov space: when their k
+    vectors fit `budget` beside the run's own (:func:`~curvscope.curvature.lanczos.lanczos_memory`), and the
+    rest of the space has room for the basis."""
+    return n - k >= basis and lanczos_memory(n, k, basis) + 8 * k * n <= budget
+
+
 def spectrum_memory(n: int, k: int, slq_steps: int, trace_matvecs: int, budget: int) -> tuple[int, int]:
     """The Lanczos basis :func:`spectrum` uses for an operator of n entries, and the bytes of float64 vectors it
-    holds at most: the largest of Lanczos's (:func:`~curvscope.curvature.lanczos.lanczos_memory`), SLQ's and
-    Hutch++'s. Refused, before any product, when they do not fit `budget` bytes (--max-memory)."""
+    holds at most: the largest of Lanczos's (:func:`~curvscope.curvature.lanczos.lanczos_memory`, with the top
+    eigenvectors the bottom run is kept orthogonal to when they fit: :func:`deflates`), SLQ's and Hutch++'s.
+    Refused, before any product, when they do not fit `budget` bytes (--max-memory)."""
     basis = fitted_basis(n, k, budget)
-    held = max(lanczos_memory(n, k, basis), slq_memory(n, slq_steps, SLQ_REORTHOGONALISE),
-               hutchpp_memory(n, trace_matvecs))
+    held = max(lanczos_memory(n, k, basis) + (8 * k * n if deflates(n, k, basis, budget) else 0),
+               slq_memory(n, slq_steps, SLQ_REORTHOGONALISE), hutchpp_memory(n, trace_matvecs))
     _refuse_beyond(held, budget, f"the spectra of an operator of {n} entries (Lanczos with {basis}, and "
                                  f"Hutch++'s sketch of --trace-matvecs {trace_matvecs})",
                    "raise --max-memory, lower --top-k or --trace-matvecs, or use --no-spectrum", "--max-memory")
@@ -295,9 +311,15 @@ def _spectrum(hp: CurvatureOperator, k: int, tol: float, max_steps: int, slq_run
         progress(stage, done, total)
 
     progress(stage, 0, total)
-    top = block_eigenvalues(whole, k, "largest", tol=tol, max_steps=max_steps, seed=seed, basis=basis)
+    top, vectors = _eigenpairs(whole, k, "largest", tol=tol, max_steps=max_steps, seed=seed, verify=True, group="",
+                               basis=basis)
     step()
-    bottom = block_eigenvalues(whole, k, "smallest", tol=tol, max_steps=max_steps, seed=seed, basis=basis)
+    # the top eigenvectors, copied out of their run's buffer, keep the bottom run to the rest of the spectrum
+    deflate = vectors.clone() if deflates(whole.dim, k, basis, budget) and top.converged.all() else None
+    del vectors
+    bottom = _eigenpairs(whole, k, "smallest", tol=tol, max_steps=max_steps, seed=seed, verify=True, group="",
+                         basis=basis, deflate=deflate)[0]
+    del deflate
     step()
     shared = hutchpp_parts(whole.matvec, whole.dim, trace_matvecs, [p.numel() for p in hp.params],
                            generator=_generator(seed, "trace:"), device=whole.device)
