@@ -100,6 +100,34 @@ def test_threads_are_set_for_the_analysis_recorded_and_restored(tmp_path: Path) 
     assert run("analyse", tmp_path / "t.pt", "--threads", "0").exit_code == 2
 
 
+def test_render_refuses_options_no_figure_would_use(tmp_path: Path) -> None:
+    """One checkpoint analysed in one batch without spectra: --density-width, --grey-insignificant and
+    --shared-scale would change nothing, so each is refused (exit 2) and no figure is drawn."""
+    out = tmp_path / "r.h5"
+    assert run("analyse", write_tiny_bundle(tmp_path / "t.pt"), "-o", out, "--no-render", "--no-spectrum",
+               "--batch-size", "64").exit_code == 0
+    for option, message in ((["--density-width", "0.05"], "no checkpoint rendered has spectra"),
+                            (["--grey-insignificant"], "has standard errors (one batch gives none)"),
+                            (["--shared-scale"], "the checkpoints rendered make none")):
+        res = run("render", out, "--out-dir", tmp_path / "f", *option)
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "f").exists()
+    assert run("render", out, "--out-dir", tmp_path / "f").exit_code == 0
+
+
+def test_a_closed_stdout_exits_141_without_a_word(tmp_path: Path) -> None:
+    """`curvscope info R | true`: the reader left; exit 141, as a shell reports SIGPIPE, not click's 1 (which
+    would read as an audit's "not valid"), and nothing on stderr."""
+    out = tmp_path / "r.h5"
+    res = run("analyse", write_tiny_bundle(tmp_path / "t.pt"), "-o", out, "--no-render", "--no-spectrum")
+    assert res.exit_code == 0
+    for command in (f"info {out}", f"audit {out}"):
+        done = subprocess.run(["bash", "-c", f"{sys.executable} -m curvscope {command} | true; "
+                                             "echo ${PIPESTATUS[0]} >&2"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.stderr.strip() == "141", done.stderr
+
+
 def test_no_command_shows_the_help_as_it_is() -> None:
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 2 and "curvscope: error" not in res.output
@@ -163,8 +191,14 @@ BAD = {
                                                   "reduce"], "without --curvature ggn or fisher"),
     "--kfac-samples without --kfac mc": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--curvature", "fisher",
                                                       "--kfac-samples", "3"], "--kfac-samples does nothing"),
+    "figure options without figures": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--no-render", "--scale",
+                                                    "normalized", "--figures", tmp / "f"],
+                                       "--scale, --figures set how figures are drawn, but --no-render draws none"),
+    "--shared-scale for one checkpoint": (lambda tmp: [write_tiny_bundle(tmp / "t.pt"), "--shared-scale"],
+                                          "which one checkpoint does not make"),
 }
-BEFORE_WORK = {"text as checkpoint", "truncated checkpoint", "results file as checkpoint",
+BEFORE_WORK = {"figure options without figures", "--shared-scale for one checkpoint",
+               "text as checkpoint", "truncated checkpoint", "results file as checkpoint",
                "spectra beyond --max-memory", "--damping-int without --order3", "spectrum option without spectra",
                "K-FAC option for the Hessian", "--kfac-samples without --kfac mc"}
 

@@ -61,6 +61,18 @@ def test_fast_stages_print_only_their_start_and_end() -> None:
         "t: pseudo-Hessian 1/8 started", "t: pseudo-Hessian 8/8 done in 0.1 s"]
 
 
+def test_a_stage_reported_at_zero_is_timed_from_that_report() -> None:
+    """Loading took 5 s before the gradient's 0/2: its "done in" counts from there, not from the start."""
+    out, clock = io.StringIO(), Clock()
+    bar = ProgressLine("t", stream=out, clock=clock)
+    clock.now = 5.0
+    bar("gradient", 0, 2)
+    for done in (1, 2):
+        clock.now += 0.25
+        bar("gradient", done, 2)
+    assert out.getvalue().splitlines()[-1] == "t: gradient 2/2 done in 0.5 s, 5.5 s in all"
+
+
 def test_a_stage_that_pauses_for_another_goes_on_without_starting_again() -> None:
     """The spectra report 0/9, then their first product keeps the graphs (a stage of its own), then the
     spectra go on: one "started" line for them, and their time counts from their own start."""

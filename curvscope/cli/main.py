@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import click
+from click.core import ParameterSource
 
 from curvscope import __version__
 from curvscope.cli.entry import exits_at_once
@@ -36,6 +37,7 @@ EXIT_INTERRUPTED = 130
 
 
 EXIT_INTERNAL = 3
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a process its pipe's reader left
 
 
 def launched_rank() -> tuple[int, int]:
@@ -98,6 +100,16 @@ class Command(click.Group):
         finally:
             signal.signal(signal.SIGTERM, previous)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """The command; when the reader of stdout has gone (``| head``, ``| true``), stop without a word and exit
+        141, as a shell reports a process that SIGPIPE killed (click would exit 1, an audit's "not valid")."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, without another error
+            raise SystemExit(EXIT_CLOSED_PIPE) from None
 
     @staticmethod
     def _fail(message: str, code: int, debug: bool) -> NoReturn:
@@ -169,6 +181,7 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
 
     leader = launched_rank()[0] == 0  # under torchrun every rank computes; rank 0 alone writes and prints
     quiet = quiet or not leader
+    _refuse_unused_figure_options(no_render, len(checkpoints), shared_scale)
     stems = [default_label(p) for p in checkpoints]
     if len(set(stems)) != len(stems):
         raise CurvscopeError(f"several checkpoints share a file name ({', '.join(stems)}); their labels in "
@@ -218,6 +231,22 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
         figures = render(output, figure_dir, scales, written or None, shared_scale=shared_scale) if written else []
         if not quiet and figures:
             click.echo(f"figures: {', '.join(str(p) for p in figures)}")
+
+
+def _refuse_unused_figure_options(no_render: bool, checkpoints: int, shared_scale: bool) -> None:
+    """Before any work: figure options that `analyse` would not use (with --no-render; --shared-scale for one
+    checkpoint, which makes no trajectory figure)."""
+    ctx = click.get_current_context()
+    given = [flag for name, flag in (("scales", "--scale"), ("figure_dir", "--figures"),
+                                     ("shared_scale", "--shared-scale"))
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if no_render and given:
+        raise CurvscopeError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how figures are drawn, but "
+                             f"--no-render draws none: leave {'it' if len(given) == 1 else 'them'} out, or drop "
+                             f"--no-render.")
+    if shared_scale and checkpoints < 2:
+        raise CurvscopeError("--shared-scale shares colour limits across the checkpoints of the trajectory figure, "
+                             "which one checkpoint does not make: leave it out, or analyse several checkpoints.")
 
 
 def _timings(record: "AnalysisRecord") -> str:
@@ -316,7 +345,7 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
 
     Exit 0 when every audited approximation is valid, 1 when any is not, 2 on bad input.
     Checkpoints are analysed first (without spectra, with --curvature, --samples, --batch-size, --seed,
-    --device and the K-FAC options) into a temporary results file. K-FAC is audited as an approximation
+    --device, --threads and the K-FAC options) into a temporary results file. K-FAC is audited as an approximation
     of C̄: its step applies K-FAC's own inverse, so its efficiency covers the inverse too.
     """
     if set(approximations) == {"kfac"} and of == "inverse":

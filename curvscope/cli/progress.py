@@ -63,7 +63,8 @@ class ProgressLine:
         self.last_call = now
         if stage != self.stage or (self.finished and done < total):  # a new stage, or the same one again
             resumed = stage in self.begun  # e.g. the spectra, after the graphs their first product builds
-            self.stage, self.stage_start = stage, self.begun.setdefault(stage, since)
+            # a stage reported at 0 starts now; one first reported after some work began at the previous report
+            self.stage, self.stage_start = stage, self.begun.setdefault(stage, now if done == 0 else since)
             self.tenth, self.finished = (self.tenth, False) if resumed else (0, False)
             if done < total and not resumed:
                 self._line(f"{stage} {done}/{total} started", now)

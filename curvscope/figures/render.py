@@ -40,6 +40,24 @@ def by_curvature(stored: Sequence[StoredCheckpoint]) -> dict[str, list[StoredChe
     return groups
 
 
+def _refuse_unused(results: Path, stored: list[StoredCheckpoint], trajectory: bool, density_width: float | None,
+                   grey_insignificant: bool, shared_scale: bool) -> None:
+    """Refuse a figure option that no figure of these checkpoints would use: a result the user thinks they drew."""
+    unused = []
+    if density_width is not None and not any(has_spectrum(ck) for ck in stored):
+        unused.append("--density-width redraws the spectral density, but no checkpoint rendered has spectra")
+    if grey_insignificant and not any(has_interactions(ck) and int(ck["interactions/significant_count"]) >= 0
+                                      for ck in stored):
+        unused.append("--grey-insignificant greys entries within 2 standard errors, but no checkpoint rendered "
+                      "has standard errors (one batch gives none)")
+    if shared_scale and not trajectory:
+        unused.append("--shared-scale shares colour limits across the checkpoints of a trajectory figure, but the "
+                      "checkpoints rendered make none (it needs several of one model)")
+    if unused:
+        raise CurvscopeError(f"{'; '.join(unused)} in {str(results)!r}: leave {'it' if len(unused) == 1 else 'them'}"
+                             f" out.")
+
+
 def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = ("linear",),
            labels: Sequence[str] | None = None, density_width: float | None = None,
            grey_insignificant: bool = False, shared_scale: bool = False) -> list[Path]:
@@ -67,11 +85,12 @@ def render(results: Path, out_dir: Path | None = None, scales: Sequence[str] = (
         stored = [s for s in stored if s.label in labels]
     if not stored:
         raise CurvscopeError(f"{str(results)!r} holds no checkpoints to render.")
+    trajectories = {curvature: group for curvature, group in by_curvature(stored).items()
+                    if len(group) >= 2 and len({tuple(ck["partition/name"]) for ck in group}) == 1}
+    _refuse_unused(results, stored, bool(trajectories), density_width, grey_insignificant, shared_scale)
     out_dir = out_dir or default_figure_dir(results)
     written: list[Path] = []
-    for curvature, group in by_curvature(stored).items():
-        if len(group) < 2 or len({tuple(ck["partition/name"]) for ck in group}) != 1:
-            continue  # a trajectory needs several checkpoints of one model
+    for curvature, group in trajectories.items():  # several checkpoints of one model, per curvature
         names = matrix_names(group[0])
         for scale in scales:
             written += _save(partial(heatmap_figure, group, scale, shared_scale),

@@ -327,8 +327,9 @@ def _describe_checkpoint(ck: StoredCheckpoint) -> list[str]:
     """The lines of `describe` for one checkpoint."""
     a = ck.attrs
     threads = f" ({a['threads']} thread{'s' if a['threads'] != 1 else ''})" if "threads" in a else ""
+    batches = "in one batch" if a.get("n_batches") == 1 else f"in batches of {a.get('batch_size')}"
     lines = [(f"\n[{ck.label}] {a.get('model')} on {a.get('dataset')} ({a.get('split')}), epoch {a.get('epoch')}, "
-              f"N={a.get('n_samples')} in batches of {a.get('batch_size')}, "
+              f"N={a.get('n_samples')} {batches}, "
               f"loss {a.get('loss')} = {a.get('loss_value', float('nan')):.6g}"),
              f"  source {a.get('source')} (sha256 {str(a.get('sha256'))[:12]}…)",
              (f"  {a.get('curvature')} curvature, {a.get('partition')} partition, {a.get('dtype')} on "
