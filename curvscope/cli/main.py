@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import click
-from click.core import ParameterSource
 
 from curvscope import __version__
 from curvscope.cli.entry import exits_at_once
-from curvscope.cli.options import FIELDS, analysis_options, given, options_from
+from curvscope.cli.options import FIELDS, analysis_options, given, options_from, user_gave
 from curvscope.cli.types import FiniteFloat
 from curvscope.curvature.kinds import curvature_kind
 from curvscope.errors import CurvscopeError, summary
@@ -236,14 +235,12 @@ def analyse(checkpoints: tuple[Path, ...], output: Path | None, data_root: str |
 def _refuse_unused_figure_options(no_render: bool, checkpoints: int, shared_scale: bool) -> None:
     """Before any work: figure options that `analyse` would not use (with --no-render; --shared-scale for one
     checkpoint, which makes no trajectory figure)."""
-    ctx = click.get_current_context()
-    given = [flag for name, flag in (("scales", "--scale"), ("figure_dir", "--figures"),
-                                     ("shared_scale", "--shared-scale"))
-             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-    if no_render and given:
-        raise CurvscopeError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} how figures are drawn, but "
-                             f"--no-render draws none: leave {'it' if len(given) == 1 else 'them'} out, or drop "
-                             f"--no-render.")
+    figure_options = [flag for name, flag in (("scales", "--scale"), ("figure_dir", "--figures"),
+                                              ("shared_scale", "--shared-scale")) if user_gave(name)]
+    if no_render and figure_options:
+        one = len(figure_options) == 1
+        raise CurvscopeError(f"{', '.join(figure_options)} set{'s' if one else ''} how figures are drawn, but "
+                             f"--no-render draws none: leave {'it' if one else 'them'} out, or drop --no-render.")
     if shared_scale and checkpoints < 2:
         raise CurvscopeError("--shared-scale shares colour limits across the checkpoints of the trajectory figure, "
                              "which one checkpoint does not make: leave it out, or analyse several checkpoints.")
@@ -361,12 +358,10 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
 
     ofs = list(MATRICES) if of == "both" else ["matrix" if of == "hessian" else of]
     options = options_from(settings, spectrum=False)
-    def is_results(path: Path) -> bool:
-        return holds_hdf5(path) or path.suffix in (".h5", ".hdf5")
-
-    results_only = all(path.is_file() and is_results(path) for path in inputs)
-    if results_only and given(settings):
-        names = [option_name(FIELDS[n]) for n in given(settings)]
+    # a results file (maybe a damaged one) by its signature or its name; anything else is analysed first
+    is_results = {path: path.is_file() and (holds_hdf5(path) or path.suffix in (".h5", ".hdf5")) for path in inputs}
+    names = [option_name(FIELDS[n]) for n in given(settings)]
+    if names and all(is_results.values()):
         raise CurvscopeError(f"{', '.join(names)} only appl{'ies' if len(names) == 1 else 'y'} to checkpoints, "
                              f"which audit analyses first; every input here is a results file, audited as it "
                              f"was stored: leave {'it' if len(names) == 1 else 'them'} out.")
@@ -377,7 +372,7 @@ def audit(inputs: tuple[Path, ...], approximations: tuple[str, ...], of: str, to
         for path in inputs:
             if not path.is_file():
                 raise CurvscopeError(f"{str(path)!r} does not exist or is not a file.")
-            if is_results(path):  # a results file, maybe a damaged one
+            if is_results[path]:
                 results = path
             else:
                 with exits_at_once():

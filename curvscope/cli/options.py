@@ -68,12 +68,16 @@ def analysis_options(*names: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def user_gave(name: str) -> bool:
+    """Whether the user gave the current command's parameter `name` (on the command line or through the
+    environment) rather than leaving it at its default."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 def given(params: dict[str, Any]) -> list[str]:
-    """The analysis settings among a command's `params` that its user gave (on the command line or through the
-    environment), not left at their defaults."""
-    ctx = click.get_current_context()
-    chosen = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return [name for name in params if name in FIELDS and ctx.get_parameter_source(name) in chosen]
+    """The analysis settings among a command's `params` that its user gave (:func:`user_gave`)."""
+    return [name for name in params if name in FIELDS and user_gave(name)]
 
 
 def options_from(params: dict[str, Any], **overrides: Any) -> AnalysisOptions:

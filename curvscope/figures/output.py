@@ -45,15 +45,13 @@ def save_figure(fig: Figure, base: Path, description: str) -> list[Path]:
         try:
             fd, tmp = create_temporary(target.parent, target.name)  # 0666 less the umask, unlike mkstemp's 0600
             os.close(fd)
+            try:
+                fig.savefig(tmp, format=fmt, dpi=png_dpi(fig) if fmt == "png" else DPI, bbox_inches="tight",
+                            pad_inches=PAD, metadata=meta)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
             raise CurvscopeError(f"cannot write the figure {str(target)!r}: {exc.strerror or exc}.") from None
-        try:
-            fig.savefig(tmp, format=fmt, dpi=png_dpi(fig) if fmt == "png" else DPI, bbox_inches="tight",
-                        pad_inches=PAD, metadata=meta)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise CurvscopeError(f"cannot write the figure {str(target)!r}: {exc.strerror or exc}.") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(target)
     return written

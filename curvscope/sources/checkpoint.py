@@ -88,22 +88,19 @@ def _read(path: Path, trust: bool = False) -> Any:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if _is_pickle(path) and trust:
+    except pickle.UnpicklingError:  # a zip archive or pickle (checked above) with more than tensors in it
+        if trust:
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)
             except Exception as inner:  # noqa: BLE001 - the user's pickle may fail in any way
                 raise CurvscopeError(f"{str(path)!r} could not be unpickled even with --trust-checkpoint: "
                                      f"{summary(inner)}.") from None
-        if _is_pickle(path):
-            raise CurvscopeError(
-                f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
-                "loaded by running code from the file, which curvscope refuses to do unless you trust "
-                "the file: pass --trust-checkpoint if you made it yourself, or better, save the "
-                "model's state_dict (or a curvscope bundle) and name the model with --model."
-            ) from None
-        raise CurvscopeError(f"{str(path)!r} is not a PyTorch checkpoint (torch.save file) that curvscope can "
-                             f"read safely: it is neither a zip archive nor a pickle of tensors.") from None
+        raise CurvscopeError(
+            f"{str(path)!r} holds Python objects (such as a pickled nn.Module) that can only be "
+            "loaded by running code from the file, which curvscope refuses to do unless you trust "
+            "the file: pass --trust-checkpoint if you made it yourself, or better, save the "
+            "model's state_dict (or a curvscope bundle) and name the model with --model."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails on damaged files in many ways (KeyError, ...)
         cause = summary(exc).split(". ")[0].rstrip(".")  # torch's zip reader appends paragraphs of advice
         raise CurvscopeError(f"{str(path)!r} is not a readable PyTorch checkpoint (damaged or truncated): "
